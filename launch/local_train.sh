@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job on one machine (CPU demo): sets up the virtualenv if needed, then runs the
+# pipeline. Extra arguments are passed to every `prealign` call (gin files, --gin.X=Y).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=launch/ensure_venv.sh
+source "$ROOT/launch/ensure_venv.sh"
+cd "$ROOT"
+prealign policies

@@ -1,0 +1,131 @@
+"""The `prealign` command line: gin files and overrides in, one subcommand out.
+
+    prealign COMMAND [--gin_file=F ...] [--gin.SCOPE.PARAM=VALUE ...] [command flags]
+
+Gin is configured here, at the edge; the library below never reads gin itself except
+through the `@gin.configurable` entry points each command names. A user mistake (unknown
+command, missing gin file, misspelled binding) ends in one line naming it, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import NamedTuple
+
+from prealign_jax.errors import UserError
+
+
+class Command(NamedTuple):
+    """A subcommand: `target` is "module:function", called with the parsed flags after gin
+    has been parsed; `flags` are (names, argparse kwargs) pairs of its own flags."""
+
+    target: str
+    help: str
+    flags: tuple = ()
+
+
+COMMANDS = {
+    "policies": Command("prealign_jax.main:show_policies",
+                        "print the mode grammar and every policy's transition table"),
+}
+
+GIN_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "gin")
+
+
+class UsageError(UserError):
+    """A mistake in what the user typed or configured; printed as one line."""
+
+
+def split_gin_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--gin.X=Y` overrides (T5X style) from ordinary flags."""
+    rest, bindings = [], []
+    for arg in argv:
+        if arg.startswith("--gin."):
+            binding = arg[len("--gin."):]
+            if "=" not in binding:
+                raise UsageError(f"{arg}: a gin override needs a value, e.g. "
+                                 "--gin.train.num_steps=100")
+            bindings.append(binding)
+        else:
+            rest.append(arg)
+    return rest, bindings
+
+
+def parse_gin(files: list[str], bindings: list[str], search_paths=(GIN_SEARCH_PATH,)) -> None:
+    """Parse gin files and bindings, turning gin's errors into a one-line UsageError."""
+    import gin
+
+    for path in search_paths:
+        gin.add_config_file_search_path(path)
+    resolved = []
+    for f in files:
+        candidates = [f] + [os.path.join(p, f) for p in search_paths]
+        found = next((c for c in candidates if os.path.isfile(c)), None)
+        if found is None:
+            raise UsageError(f"--gin_file={f}: no such file (looked in . and "
+                             f"{', '.join(search_paths)})")
+        resolved.append(found)
+    try:
+        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+    except (ValueError, KeyError, NameError, SyntaxError) as e:
+        raise UsageError(f"gin configuration ({', '.join(files + bindings) or 'empty'}): "
+                         f"{_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename}:{e.lineno}: {e.msg}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def show_policies(args) -> None:
+    from prealign_jax import modes
+
+    print("mode grammar: states", ", ".join(modes.MODES), "| classes",
+          ", ".join(modes.CLASSES))
+    for name in sorted(modes.POLICIES):
+        print(modes.get_policy(name).compile().describe())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prealign", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help)
+        p.add_argument("--gin_file", action="append", default=[],
+                       help="gin file (repeatable); relative paths also looked up in gin/")
+        p.add_argument("--workdir", default=None, help="run directory")
+        for names, kwargs in command.flags:
+            p.add_argument(*names, **kwargs)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    try:
+        argv, bindings = split_gin_overrides(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        parse_gin(args.gin_file, bindings)
+        module, fn = COMMANDS[args.command].target.split(":")
+        getattr(importlib.import_module(module), fn)(args)
+    except UserError as e:
+        print(f"prealign: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    run()

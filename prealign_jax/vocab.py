@@ -1,0 +1,111 @@
+"""SentencePiece vocabulary in which every mode tag is exactly one token.
+
+Conventions (tested in tests/test_vocab.py):
+- ids: pad=0, eos=1, unk=2 (seqio's layout), no BOS; the seven tags are user-defined
+  symbols, so SentencePiece extracts them from any input as single pieces — which is why
+  untrusted text must go through `tags.escape` first.
+- Whitespace: *no dummy prefix* and *identity normalization*. Text is tokenized verbatim:
+  a tag at the start of text is not preceded by a phantom `▁` piece, spaces and newlines
+  around a tag belong to the neighbouring text (`" <ai>"` is `▁` + `<ai>`), runs of
+  spaces are kept, and `decode(encode(x)) == x` for every tagged text x. The one exception
+  is U+2581 itself (SentencePiece's space symbol), which decodes as a space.
+- Byte fallback: characters unseen in training become byte pieces, never `unk`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable
+
+import numpy as np
+
+from prealign_jax import modes, tf_cpu
+from prealign_jax.errors import UserError
+
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+
+
+class VocabError(UserError):
+    """A vocabulary file that is missing or unusable (names the file and the fix)."""
+
+
+def train(texts: Iterable[str], model_path: str, vocab_size: int,
+          model_type: str = "unigram", max_sentence_length: int = 65536) -> str:
+    """Train a SentencePiece model on tagged texts and write it to `model_path`.
+
+    Written via a temporary file and a rename, so a crash never leaves a half-written model
+    that a later run would load. Returns `model_path`.
+    """
+    import sentencepiece as spm
+
+    minimum = len(modes.TAGS) + 3 + 256  # tags, pad/eos/unk, byte pieces
+    if vocab_size <= minimum:
+        raise VocabError(f"vocab_size={vocab_size} is too small: the tags, special ids and "
+                         f"byte pieces alone take {minimum}; choose a larger vocab_size")
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=proto, vocab_size=vocab_size,
+        model_type=model_type, user_defined_symbols=list(modes.TAGS),
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, character_coverage=0.9995, split_digits=True,
+        max_sentence_length=max_sentence_length, hard_vocab_limit=False,
+        num_threads=1,  # deterministic: same texts -> same model bytes
+        minloglevel=2)
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+    tmp = f"{model_path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(proto.getvalue())
+    os.replace(tmp, model_path)
+    return model_path
+
+
+def load(model_path: str):
+    """The model as a `seqio.SentencePieceVocabulary`, after checking our conventions."""
+    import sentencepiece as spm
+
+    tf_cpu.import_tf()
+    import seqio
+
+    if not os.path.exists(model_path):
+        raise VocabError(f"vocabulary {model_path} does not exist; build it with "
+                         "`prealign prepare` or point the gin binding at the right file")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(model_path)
+    except (OSError, RuntimeError) as e:
+        raise VocabError(f"vocabulary {model_path} is not a SentencePiece model ({e}); "
+                         "rebuild it with `prealign prepare`") from None
+    user_defined = {p.piece for p in _model_proto(sp).pieces
+                    if p.type == p.USER_DEFINED}
+    for tag in modes.TAGS:
+        if tag not in user_defined or len(sp.encode(tag)) != 1:
+            raise VocabError(f"vocabulary {model_path} does not hold {tag} as one "
+                             "user-defined symbol; retrain it with prealign_jax.vocab.train")
+    if (sp.pad_id(), sp.eos_id(), sp.unk_id()) != (PAD_ID, EOS_ID, UNK_ID):
+        raise VocabError(f"vocabulary {model_path} has pad/eos/unk ids "
+                         f"{sp.pad_id(), sp.eos_id(), sp.unk_id()}, expected 0/1/2; retrain it")
+    return seqio.SentencePieceVocabulary(model_path)
+
+
+def _model_proto(sp):
+    from sentencepiece import sentencepiece_model_pb2
+
+    return sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
+
+
+def tag_ids(vocab) -> dict[str, int]:
+    """Id of each tag in a vocabulary loaded with `load`."""
+    sp = vocab.tokenizer
+    return {tag: sp.piece_to_id(tag) for tag in modes.TAGS}
+
+
+def token_classes(vocab) -> np.ndarray:
+    """`token_class[V]` for `modes.PolicyTables.for_vocab`: each id's class."""
+    classes = np.full((vocab.vocab_size,), modes.TEXT, np.int32)
+    classes[PAD_ID] = modes.PAD_CLASS
+    classes[EOS_ID] = modes.EOS_CLASS
+    for tag, i in tag_ids(vocab).items():
+        classes[i] = modes.TAG_CLASS[tag]
+    return classes

@@ -1,0 +1,39 @@
+"""prealign-jax: JAX pretraining of prealigned language models (modes as control tokens)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="prealign-jax",
+    version="0.1.0",
+    description="JAX/TPU pretraining framework for prealigned language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["prealign_jax", "prealign_jax.*", "tasks", "tasks.*"]),
+    # jax 0.10 / flax 0.12 / orbax 0.12 need Python >= 3.11; jax >= 0.11 needs >= 3.12.
+    python_requires=">=3.11,<3.13",
+    # The stack that breaks together is pinned exactly (T5X's install breakages came from
+    # unpinned transitive deps); the rest is held to a minor range. constraints.txt pins the
+    # whole resolved environment for the launch scripts.
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "seqio==0.0.20",
+        "tensorflow==2.21.0",  # seqio's data pipeline; kept off accelerators
+        "tensorflow-text==2.21.1",  # must match tensorflow: seqio imports it at load
+        "sentencepiece>=0.2.0,<0.3",
+        "gin-config>=0.5.0,<0.6",
+        "absl-py>=2.1,<3",
+        "numpy>=2.0,<2.5",
+        "protobuf>=5.28,<8",
+        "tqdm>=4.66,<5",
+        "matplotlib>=3.9,<4",
+        "tensorboardX>=2.6,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3"],
+    },
+    entry_points={"console_scripts": ["prealign=prealign_jax.main:run"]},
+)
