@@ -113,9 +113,10 @@ def main(argv: list[str]) -> int:
         if not args.command:
             parser.print_help()
             return 2
-        parse_gin(args.gin_file, bindings)
         module, fn = COMMANDS[args.command].target.split(":")
-        getattr(importlib.import_module(module), fn)(args)
+        target = getattr(importlib.import_module(module), fn)  # registers its configurables
+        parse_gin(args.gin_file, bindings)
+        target(args)
     except UserError as e:
         print(f"prealign: error: {e}", file=sys.stderr)
         return 2
