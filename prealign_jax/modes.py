@@ -127,6 +127,14 @@ class VocabTables:
     allowed: np.ndarray  # [S, V] bool
     next_state: np.ndarray  # [S, V] int32, -1 where forbidden
 
+    def with_invalid_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(allowed[S+1, V], next_state[S+1, V], state_mode[S+1]) with the absorbing
+        invalid state S appended: forbidden tokens lead there, and it allows every token
+        (it is reached only when the mask is switched off)."""
+        next_state = transition_table(self.policy)[:, self.token_class]
+        allowed = np.concatenate([self.allowed, np.ones_like(self.allowed[:1])])
+        return allowed, next_state, np.append(self.policy.state_mode, INVALID_MODE)
+
 
 def _compile(policy: Policy) -> PolicyTables:
     where = f"policy {policy.name!r}"
@@ -249,7 +257,7 @@ def grammar_tables() -> PolicyTables:
 
 
 # ---------------------------------------------------------------- running the FSM
-def _transition_table(tables: PolicyTables) -> np.ndarray:
+def transition_table(tables: PolicyTables) -> np.ndarray:
     """`delta` with forbidden moves sent to an absorbing INVALID state (index S)."""
     invalid = tables.num_states
     d = np.where(tables.delta < 0, invalid, tables.delta)
@@ -270,7 +278,7 @@ def run_numpy(tables: PolicyTables, classes, segment_ids=None):
     """Run the FSM over `classes[B, T]` (token classes) in numpy. See `run_jax`."""
     classes = np.asarray(classes, np.int32)
     seg = np.ones_like(classes) if segment_ids is None else np.asarray(segment_ids, np.int32)
-    table = _transition_table(tables)
+    table = transition_table(tables)
     state = np.full(classes.shape[:1], tables.initial, np.int32)
     prev = np.full(classes.shape[:1], -1, np.int32)
     read_in = np.empty(classes.shape, np.int32)
@@ -295,7 +303,7 @@ def run_jax(tables: PolicyTables, classes, segment_ids=None):
 
     classes = jnp.asarray(classes, jnp.int32)
     seg = jnp.ones_like(classes) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-    table = jnp.asarray(_transition_table(tables))
+    table = jnp.asarray(transition_table(tables))
 
     def body(carry, x):
         state, prev = carry

@@ -84,6 +84,32 @@ def pieces(text: str) -> Iterator[tuple[int, str, bool]]:
         yield pos, text[pos:], False
 
 
+def _walk(text: str, tables: modes.PolicyTables) -> Iterator[tuple[int, str, bool, int]]:
+    """(offset, piece, is_tag, state after it) for each piece, checked against `tables`."""
+    state = tables.initial
+    for offset, piece, is_tag in pieces(text):
+        nxt = tables.delta[state, modes.TAG_CLASS[piece] if is_tag else modes.TEXT]
+        if nxt < 0:
+            what = piece if is_tag else "text"
+            mode = modes.MODES[tables.state_mode[state]]
+            raise TagError(f"offset {offset}: {what} is not allowed in mode {mode!r} under "
+                           f"policy {tables.name!r} (allowed there: "
+                           f"{', '.join(tables.allowed_classes(state))})", offset, what)
+        state = int(nxt)
+        yield offset, piece, is_tag, state
+
+
+def prefix_state(text: str, policy: modes.Policy | str = modes.GRAMMAR) -> int:
+    """The policy state after `text`, a document prefix (open spans allowed), e.g. a prompt.
+
+    Raises TagError at the first tag the policy forbids."""
+    tables = _tables(policy)
+    state = tables.initial
+    for *_, state in _walk(text, tables):
+        pass
+    return state
+
+
 def parse(text: str, policy: modes.Policy | str = modes.GRAMMAR) -> list[Node]:
     """Parse tagged text into a list of top-level nodes, validating it against `policy`.
 
@@ -92,15 +118,7 @@ def parse(text: str, policy: modes.Policy | str = modes.GRAMMAR) -> list[Node]:
     tables = _tables(policy)
     state = tables.initial
     stack: list[tuple[str, int, list]] = [("doc", 0, [])]
-    for offset, piece, is_tag in pieces(text):
-        cls = modes.TAG_CLASS[piece] if is_tag else modes.TEXT
-        nxt = tables.delta[state, cls]
-        if nxt < 0:
-            what = piece if is_tag else "text"
-            mode = modes.MODES[tables.state_mode[state]]
-            raise TagError(f"offset {offset}: {what} is not allowed in mode {mode!r} under "
-                           f"policy {tables.name!r} (allowed there: "
-                           f"{', '.join(tables.allowed_classes(state))})", offset, what)
+    for offset, piece, is_tag, state in _walk(text, tables):
         if not is_tag:
             stack[-1][2].append(unescape(piece))
         elif piece == "<redacted/>":
@@ -110,7 +128,6 @@ def parse(text: str, policy: modes.Policy | str = modes.GRAMMAR) -> list[Node]:
             stack[-1][2].append(Span(mode, tuple(children)))
         else:
             stack.append((piece[1:-1], offset, []))
-        state = nxt
     if len(stack) > 1:
         mode, opened, _ = stack[-1]
         raise TagError(f"offset {len(text)} (end of text): <{mode}> opened at offset "
