@@ -1,0 +1,123 @@
+"""seqio Tasks and the Mixture over a prepared data dir (`prealign prepare`).
+
+    import tasks
+    mixture = tasks.register("/path/to/data")   # idempotent; returns the mixture name
+
+One Task per record source present in the manifest (`prealign_synthetic_human`,
+`prealign_synthetic_ai`, `prealign_synthetic_quote`, `prealign_ingested`) and the Mixture
+`prealign` over them. Each Task reads its shards from the manifest's file list (a
+file-based source, so `seqio.ShardInfo` gives each host its own files), tokenizes and
+validates every record (bad-record policy), optionally drops tags, and appends EOS.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Mapping
+
+import gin
+
+from prealign_jax import tf_cpu, vocab as vocab_lib
+from prealign_jax.data import preprocessors, records, shards
+
+tf = tf_cpu.import_tf()
+import seqio  # noqa: E402  (after tf_cpu)
+
+MIXTURE = "prealign"
+VOCAB_FILE = "vocab.model"
+
+_registered: dict[str, tuple] = {}  # mixture name -> the config it was registered with
+
+
+def task_name(source: str) -> str:
+    return f"prealign_{source}"
+
+
+@gin.configurable(denylist=["data_dir"])
+def register(data_dir: str, rates: Mapping[str, float] | None = None,
+             bad_records: str = "error", tag_dropout: float = 0.0,
+             shuffle_buffer_size: int = 10_000) -> str:
+    """Register the Tasks and Mixture of `data_dir`; returns the mixture name.
+
+    Args:
+      data_dir: a directory written by `prealign prepare`.
+      rates: mixture rate per source (relative); sources not named default to their
+        number of training documents in the manifest. Rate 0 leaves a source out.
+      bad_records: 'error' (stop, naming shard and record) or 'skip' (drop and log).
+      tag_dropout: fraction of documents whose tags are stripped (default 0).
+      shuffle_buffer_size: per-Task example shuffle buffer.
+
+    Registering again with the same arguments does nothing; with different ones (or another
+    data dir) the old registrations are replaced, and the log says so.
+    """
+    if bad_records not in preprocessors.BAD_RECORD_POLICIES:
+        raise shards.ShardError(f"register.bad_records={bad_records!r}; use one of "
+                                f"{preprocessors.BAD_RECORD_POLICIES}")
+    if not 0.0 <= tag_dropout <= 1.0:
+        raise shards.ShardError(f"register.tag_dropout={tag_dropout} must be in [0, 1]")
+    data_dir = os.path.abspath(data_dir)
+    manifest = shards.read_manifest(data_dir)
+    key = (data_dir, manifest.get("config_hash"), tuple(sorted((rates or {}).items())),
+           bad_records, tag_dropout, shuffle_buffer_size)
+    if _registered.get(MIXTURE) == key:
+        return MIXTURE
+    problems = shards.check_shards(data_dir, manifest)
+    if problems and bad_records == "error":
+        raise shards.ShardError(f"{problems[0]}; rerun `prealign prepare` (or set "
+                                "register.bad_records='skip' to read what is intact)")
+    for p in problems:
+        logging.warning("prealign data: %s; reading the intact records (bad_records=skip)", p)
+
+    unknown = set(rates or {}) - set(records.SOURCES)
+    if unknown:
+        raise shards.ShardError(f"register.rates names unknown sources {sorted(unknown)}; "
+                                f"sources are {records.SOURCES}")
+    if MIXTURE in _registered:
+        logging.info("prealign data: re-registering tasks for %s (configuration changed)",
+                     data_dir)
+    _unregister()
+    vocab = vocab_lib.load(os.path.join(data_dir, VOCAB_FILE))
+    output_features = {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
+    mixture = []
+    for source in records.SOURCES:
+        splits = {split: shards.shard_files(data_dir, manifest, source, split)
+                  for split in ("train", "validation")}
+        splits = {k: v for k, v in splits.items() if v}
+        counts = {split: sum(s["records"] for s in manifest["shards"]
+                             if s["source"] == source and s["split"] == split)
+                  for split in splits}
+        rate = (rates or {}).get(source, counts.get("train", 0))
+        if not splits or not rate:
+            continue
+        seqio.TaskRegistry.add(
+            task_name(source),
+            source=seqio.FileDataSource(
+                read_file_fn=functools.partial(preprocessors.read_record,
+                                               skip_corrupt=bad_records == "skip"),
+                split_to_filepattern=splits, num_input_examples=counts),
+            preprocessors=[
+                functools.partial(preprocessors.tokenize_and_validate,
+                                  bad_records=bad_records),
+                functools.partial(preprocessors.tag_dropout, rate=tag_dropout),
+                seqio.preprocessors.append_eos,
+            ],
+            output_features=output_features,
+            shuffle_buffer_size=shuffle_buffer_size)
+        mixture.append((task_name(source), float(rate)))
+    if not mixture:
+        raise shards.ShardError(f"{data_dir}: no source has shards and a non-zero rate "
+                                f"(rates={dict(rates or {})})")
+    seqio.MixtureRegistry.add(MIXTURE, mixture)
+    _registered[MIXTURE] = key
+    return MIXTURE
+
+
+def _unregister() -> None:
+    if MIXTURE in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.remove(MIXTURE)
+    for source in records.SOURCES:
+        if task_name(source) in seqio.TaskRegistry.names():
+            seqio.TaskRegistry.remove(task_name(source))
+    _registered.pop(MIXTURE, None)

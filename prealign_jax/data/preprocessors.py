@@ -1,0 +1,142 @@
+"""seqio preprocessors of tagged documents: tokenize + validate, tag dropout.
+
+Validation runs on token ids in TF, batched, with the grammar's own tables (`fsm_tf`):
+every tag is one token, so a document is well-formed exactly when the FSM over its token
+classes never leaves the grammar and ends in a state where EOS is allowed. Bad records
+(empty, invalid UTF-8, malformed tags) are handled by a policy:
+
+- `error`: the pipeline stops with a `DataError` naming the shard file and record index;
+- `skip`: the record is dropped and a line naming it (with the running count of skipped
+  records) is logged to stderr.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from prealign_jax import modes, tf_cpu, vocab as vocab_lib
+from prealign_jax.data import fsm_tf
+
+tf = tf_cpu.import_tf()
+
+BAD_RECORD_POLICIES = ("error", "skip")
+# Marks our in-graph failures so `pipeline.DataIterator` can turn them into a UserError.
+ERROR_MARKER = "prealign-data-error:"
+_REASONS = ("ok", "empty document", "invalid UTF-8", "malformed tags", "unclosed span")
+_VALIDATION_BATCH = 128
+
+
+def read_record(filename, skip_corrupt: bool):
+    """A shard file as records {text, shard, record}: the record index within its file."""
+    ds = tf.data.TFRecordDataset(filename)
+    if skip_corrupt:
+        ds = ds.ignore_errors(log_warning=True)
+    spec = {"text": tf.io.FixedLenFeature([], tf.string, default_value="")}
+    return ds.enumerate().map(
+        lambda i, raw: {"text": tf.io.parse_single_example(raw, spec)["text"],
+                        "shard": filename, "record": i},
+        num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
+                          policy: modes.Policy | str = modes.GRAMMAR):
+    """Tokenize `text` into `targets` and apply the bad-record policy.
+
+    Output examples hold only `targets` (int32 token ids, no EOS yet).
+    """
+    if bad_records not in BAD_RECORD_POLICIES:
+        raise ValueError(f"bad_records={bad_records!r}; use one of {BAD_RECORD_POLICIES}")
+    vocab = output_features["targets"].vocabulary
+    tables = modes.get_policy(policy).compile()
+    table = fsm_tf.transition_table(tables)
+    invalid = tables.num_states
+    token_class = tf.constant(vocab_lib.token_classes(vocab))
+    can_end = tf.constant(table[:, modes.EOS_CLASS] != invalid)
+    class_names = tf.constant(modes.CLASSES)
+    state_names = tf.constant(list(tables.states) + ["<invalid>"])
+    reasons = tf.constant(_REASONS)
+
+    def check(ex):
+        text = ex["text"]
+        tokens = tf.cast(vocab.encode_tf(text), tf.int32)
+        classes = tf.gather(token_class, tokens)
+        lengths = tf.cast(classes.row_lengths(), tf.int32)
+        dense = classes.to_tensor(default_value=modes.PAD_CLASS)
+        seg = tf.sequence_mask(lengths, tf.shape(dense)[1], tf.int32)
+        read_in, final = fsm_tf.read_in_states(tables, dense, seg)
+        after = tf.concat([read_in[:, 1:], final[:, None]], axis=1)
+        bad_token = (after == invalid) & (seg == 1)
+        first_bad = tf.cast(tf.argmax(tf.cast(bad_token, tf.int32), axis=1), tf.int32)
+        reason = tf.where(
+            tf.strings.length(text) == 0, 1,
+            tf.where(tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="ignore")
+                     != text, 2,
+                     tf.where(tf.reduce_any(bad_token, axis=1), 3,
+                              tf.where(tf.gather(can_end, final), 0, 4))))
+        rows = tf.range(tf.shape(dense)[0])
+        bad_class = tf.gather_nd(dense, tf.stack([rows, first_bad], 1))
+        bad_state = tf.gather_nd(read_in, tf.stack([rows, first_bad], 1))
+        detail = tf.where(
+            reason == 3,
+            tf.strings.join(["token ", tf.strings.as_string(first_bad), " (",
+                             tf.gather(class_names, bad_class), ") is not allowed in state ",
+                             tf.gather(state_names, bad_state)]),
+            tf.where(reason == 4, tf.strings.join(["the document ends in state ",
+                                                   tf.gather(state_names, final)]), ""))
+        message = tf.strings.join([
+            "shard ", ex["shard"], " record ", tf.strings.as_string(ex["record"]), ": ",
+            tf.gather(reasons, reason), tf.where(detail == "", "", ": "), detail])
+        return {"targets": tokens, "reason": reason, "message": message}
+
+    ds = dataset.batch(_VALIDATION_BATCH).map(check, num_parallel_calls=tf.data.AUTOTUNE)
+    if bad_records == "error":
+        def stop(batch):
+            bad = batch["reason"] != 0
+            first = tf.gather(batch["message"], tf.argmax(tf.cast(bad, tf.int32)))
+            with tf.control_dependencies([tf.debugging.Assert(
+                    ~tf.reduce_any(bad), [ERROR_MARKER, first, "(set bad_records='skip' "
+                                          "to drop such records)"])]):
+                return {"targets": tf.identity(batch["targets"])}
+        return ds.map(stop).unbatch()
+
+    def count_and_log(skipped, batch):
+        bad = batch["reason"] != 0
+        skipped += tf.reduce_sum(tf.cast(bad, tf.int64))
+
+        def log():
+            tf.print("prealign data: skipped",
+                     tf.strings.reduce_join(tf.boolean_mask(batch["message"], bad),
+                                            separator="; skipped "),
+                     "| skipped so far:", skipped, output_stream="file://stderr")
+            return skipped
+
+        logged = tf.cond(tf.reduce_any(bad), log, lambda: skipped)
+        return logged, {"targets": batch["targets"], "keep": ~bad}
+
+    return (ds.scan(tf.constant(0, tf.int64), count_and_log).unbatch()
+            .filter(lambda ex: ex["keep"]).map(lambda ex: {"targets": ex["targets"]}))
+
+
+def tag_dropout(dataset, output_features, rate: float):
+    """Strip every tag from a `rate` fraction of documents (Korbak's drop_token_fraction).
+
+    Untagged documents teach the model the unconditional distribution, so text can also be
+    generated without a mode. Deterministic for a fixed seqio seed.
+    """
+    if rate <= 0:
+        return dataset
+    token_class = tf.constant(vocab_lib.token_classes(output_features["targets"].vocabulary))
+    is_tag = tf.constant(np.isin(np.arange(modes.NUM_CLASSES),
+                                 list(modes.TAG_CLASS.values())))
+
+    import seqio
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def drop(ex, seed):
+        tokens = ex["targets"]
+        keep = ~tf.gather(is_tag, tf.gather(token_class, tokens))
+        dropped = tf.random.stateless_uniform([], seed=seed) < rate
+        return {**ex, "targets": tf.cond(dropped, lambda: tf.boolean_mask(tokens, keep),
+                                         lambda: tokens)}
+
+    return drop(dataset)

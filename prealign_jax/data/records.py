@@ -1,0 +1,65 @@
+"""One corpus record: a tagged document and its metadata, as a `tf.train.Example`.
+
+Every producer (generator, ingest) emits `Document`s; the shard writer serializes them and
+the seqio source parses the same feature spec. `span_labels` holds, for every span of the
+document in pre-order (`tags.Span` tree order), 1 if the span's content is selfish /
+misaligned, 0 if not, -1 if unknown (ingested text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from prealign_jax import tf_cpu
+
+# The source of a record names its seqio Task (see tasks/).
+SOURCES = ("synthetic_human", "synthetic_ai", "synthetic_quote", "ingested")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    text: str  # tagged text, untrusted parts escaped
+    source: str  # one of SOURCES
+    doc_id: str
+    pair_id: int = -1  # scenario shared by a counterfactual human/ai pair, else -1
+    span_labels: tuple[int, ...] = ()
+
+
+def to_example(doc: Document) -> bytes:
+    """Serialized `tf.train.Example` of a document."""
+    tf = tf_cpu.import_tf()
+    f = tf.train.Feature
+
+    def b(value: bytes):
+        return f(bytes_list=tf.train.BytesList(value=[value]))
+
+    def i(values):
+        return f(int64_list=tf.train.Int64List(value=list(values)))
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "text": b(doc.text.encode("utf-8")), "source": b(doc.source.encode()),
+        "doc_id": b(doc.doc_id.encode()), "pair_id": i([doc.pair_id]),
+        "span_labels": i(doc.span_labels)})).SerializeToString()
+
+
+def feature_spec():
+    """The parsing spec of `to_example` (for `tf.io.parse_single_example`)."""
+    tf = tf_cpu.import_tf()
+    return {
+        "text": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "source": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "doc_id": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "pair_id": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+        "span_labels": tf.io.VarLenFeature(tf.int64),
+    }
+
+
+def from_example(serialized: bytes) -> Document:
+    """Inverse of `to_example`, in Python (tools and tests; the pipeline parses in TF)."""
+    tf = tf_cpu.import_tf()
+    ex = tf.train.Example.FromString(serialized).features.feature
+    return Document(text=ex["text"].bytes_list.value[0].decode("utf-8"),
+                    source=ex["source"].bytes_list.value[0].decode(),
+                    doc_id=ex["doc_id"].bytes_list.value[0].decode(),
+                    pair_id=int(ex["pair_id"].int64_list.value[0]),
+                    span_labels=tuple(ex["span_labels"].int64_list.value))

@@ -1,0 +1,222 @@
+"""TFRecord shards of tagged documents and the `manifest.json` that describes them.
+
+Layout of a data dir:
+
+    manifest.json                      counts, checksums, the config that built it
+    vocab.model                        the SentencePiece vocabulary
+    <source>/<split>-00000-of-00004.tfrecord
+
+Every shard is written to a temporary name and renamed when complete, and the manifest is
+written last (also via rename): a crash leaves no file that matches a shard name half
+written, and no manifest that lists a shard that is not complete. Readers take the file
+list from the manifest, never from a glob.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import struct
+from typing import Iterable
+
+from prealign_jax import tags, tf_cpu
+from prealign_jax.data import records
+from prealign_jax.errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ShardError(UserError):
+    """A missing, truncated or corrupt shard or manifest (names the file and the fix)."""
+
+
+def shard_name(source: str, split: str, index: int, count: int) -> str:
+    return f"{source}/{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def mode_counts(text: str, sp=None) -> dict[str, int]:
+    """Characters (and, given a SentencePiece processor, tokens) per mode of one document.
+
+    Keys `chars.<mode>`, `tokens.<mode>`, `tokens.tags`. Tags split SentencePiece input
+    (they are user-defined symbols), so encoding each text run alone gives the same pieces
+    as encoding the whole document.
+    """
+    counts: collections.Counter = collections.Counter()
+
+    def walk(nodes, mode):
+        for node in nodes:
+            if isinstance(node, str):
+                counts[f"chars.{mode}"] += len(node)
+                if sp is not None:
+                    counts[f"tokens.{mode}"] += len(sp.encode(tags.escape(node)))
+            elif isinstance(node, tags.Span):
+                counts["tokens.tags"] += 2
+                walk(node.children, node.mode)
+            else:
+                counts["tokens.tags"] += 1
+
+    walk(tags.parse(text), "doc")
+    return dict(counts)
+
+
+class ShardWriter:
+    """Writes documents round-robin into `num_shards` shards per (source, split).
+
+    Use as a context manager; `close()` renames the finished shards into place and returns
+    their manifest entries. On an exception nothing is renamed.
+    """
+
+    def __init__(self, data_dir: str, num_shards: dict[str, int], sp=None):
+        self._tf = tf_cpu.import_tf()
+        self.data_dir, self.num_shards, self._sp = data_dir, dict(num_shards), sp
+        self._writers: dict[tuple[str, str], list] = {}
+        self._next: collections.Counter = collections.Counter()
+        self._entries: dict[str, dict] = {}
+        self._counts: dict[tuple[str, str], collections.Counter] = collections.defaultdict(
+            collections.Counter)
+
+    def write(self, doc: records.Document, split: str) -> None:
+        if split not in self.num_shards:
+            raise ValueError(f"unknown split {split!r}; splits are {list(self.num_shards)}")
+        key = (doc.source, split)
+        if key not in self._writers:
+            self._open(*key)
+        i = self._next[key] % self.num_shards[split]
+        self._next[key] += 1
+        self._writers[key][i][1].write(records.to_example(doc))
+        self._entries[self._writers[key][i][0]]["records"] += 1
+        counts = self._counts[key]
+        counts["documents"] += 1
+        counts.update(mode_counts(doc.text, self._sp))
+
+    def _open(self, source: str, split: str) -> None:
+        n = self.num_shards[split]
+        os.makedirs(os.path.join(self.data_dir, source), exist_ok=True)
+        writers = []
+        for i in range(n):
+            name = shard_name(source, split, i, n)
+            tmp = os.path.join(self.data_dir, f"{name}.tmp-{os.getpid()}")
+            writers.append((name, self._tf.io.TFRecordWriter(tmp), tmp))
+            self._entries[name] = {"file": name, "source": source, "split": split,
+                                   "records": 0}
+        self._writers[(source, split)] = writers
+
+    def close(self) -> dict:
+        """Flush, rename into place, checksum; returns the manifest's shard/count sections."""
+        for writers in self._writers.values():
+            for name, writer, tmp in writers:
+                writer.close()
+                final = os.path.join(self.data_dir, name)
+                os.replace(tmp, final)
+                self._entries[name].update(bytes=os.path.getsize(final), sha256=sha256(final))
+        counts = {f"{source}/{split}": dict(sorted(c.items()))
+                  for (source, split), c in sorted(self._counts.items())}
+        return {"shards": [self._entries[k] for k in sorted(self._entries)],
+                "counts": counts}
+
+    def abort(self) -> None:
+        for writers in self._writers.values():
+            for _, writer, tmp in writers:
+                writer.close()
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            self.abort()
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(data_dir: str, manifest: dict) -> None:
+    path = os.path.join(data_dir, MANIFEST)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"format": FORMAT_VERSION, **manifest}, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(data_dir: str) -> dict:
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise ShardError(f"{path} does not exist: {data_dir} is not a prepared data dir; "
+                         "run `prealign prepare` for it")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path} is unreadable ({e}); rerun `prealign prepare`") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ShardError(f"{path} has format {manifest.get('format')!r}, expected "
+                         f"{FORMAT_VERSION}; rerun `prealign prepare`")
+    return manifest
+
+
+def shard_files(data_dir: str, manifest: dict, source: str, split: str) -> list[str]:
+    return [os.path.join(data_dir, s["file"]) for s in manifest["shards"]
+            if s["source"] == source and s["split"] == split]
+
+
+def complete_records(path: str) -> tuple[int, bool]:
+    """(number of complete records, whether an incomplete record follows) of a TFRecord file.
+
+    Reads only the 12-byte record headers: a record is 8 bytes length, 4 bytes length CRC,
+    the data and a 4-byte data CRC.
+    """
+    size, count, pos = os.path.getsize(path), 0, 0
+    with open(path, "rb") as f:
+        while pos < size:
+            header = f.read(12)
+            if len(header) < 12:
+                return count, True
+            (length,) = struct.unpack("<Q", header[:8])
+            pos += 12 + length + 4
+            if pos > size:
+                return count, True
+            f.seek(pos)
+            count += 1
+    return count, False
+
+
+def check_shards(data_dir: str, manifest: dict, checksums: bool = False) -> list[str]:
+    """Problems of the shards against the manifest, one message per bad shard (or []).
+
+    Cheap by default (existence and size); `checksums=True` also compares SHA-256.
+    """
+    problems = []
+    for s in manifest["shards"]:
+        path = os.path.join(data_dir, s["file"])
+        if not os.path.exists(path):
+            problems.append(f"shard {path} is missing")
+            continue
+        size = os.path.getsize(path)
+        if size != s["bytes"]:
+            good, partial = complete_records(path)
+            what = (f"record {good} is truncated" if partial
+                    else f"it holds {good} complete records")
+            problems.append(f"shard {path} has {size} bytes, the manifest says {s['bytes']} "
+                            f"({s['records']} records): {what}")
+        elif checksums and sha256(path) != s["sha256"]:
+            problems.append(f"shard {path} does not match its sha256 in the manifest")
+    return problems
+
+
+def iter_documents(paths: Iterable[str]) -> Iterable[records.Document]:
+    """Every document of the given shards, in order (tools and tests)."""
+    tf = tf_cpu.import_tf()
+    for path in paths:
+        for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            yield records.from_example(raw)
