@@ -28,7 +28,7 @@ def read_in_states(tables: modes.PolicyTables, classes, segment_ids):
     `classes` are token classes (int32), `segment_ids` as in `modes.run_jax` (0 = padding).
     Returns (read_in[..., T], final[...]) as int32 tensors; the invalid state is S.
     """
-    table = transition_table(tables)
+    table = modes.transition_table(tables)
     num = table.shape[0]
     initial = tables.initial
     classes = tf.convert_to_tensor(classes, tf.int32)

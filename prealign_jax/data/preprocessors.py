@@ -48,7 +48,7 @@ def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
         raise ValueError(f"bad_records={bad_records!r}; use one of {BAD_RECORD_POLICIES}")
     vocab = output_features["targets"].vocabulary
     tables = modes.get_policy(policy).compile()
-    table = fsm_tf.transition_table(tables)
+    table = modes.transition_table(tables)
     invalid = tables.num_states
     token_class = tf.constant(vocab_lib.token_classes(vocab))
     can_end = tf.constant(table[:, modes.EOS_CLASS] != invalid)
