@@ -17,11 +17,6 @@ from prealign_jax import modes, tf_cpu
 tf = tf_cpu.import_tf()
 
 
-def transition_table(tables: modes.PolicyTables) -> np.ndarray:
-    """`[S+1, C]` next-state table with forbidden moves sent to the invalid state S."""
-    return modes.transition_table(tables)
-
-
 def read_in_states(tables: modes.PolicyTables, classes, segment_ids):
     """State each token is read in, and the state after the last token, for `[..., T]`.
 
