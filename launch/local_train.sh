@@ -7,3 +7,4 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$ROOT/launch/ensure_venv.sh"
 cd "$ROOT"
 prealign policies
+prealign prepare --gin_file=data/cpu_demo.gin --workdir="${WORKDIR:-$ROOT/workdir/cpu_demo}"

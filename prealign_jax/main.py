@@ -30,6 +30,17 @@ class Command(NamedTuple):
 COMMANDS = {
     "policies": Command("prealign_jax.main:show_policies",
                         "print the mode grammar and every policy's transition table"),
+    "prepare": Command(
+        "prealign_jax.data.prepare:main",
+        "generate/ingest the corpus, train the vocabulary, write shards + manifest",
+        ((("--from_text",), dict(nargs="+", metavar="FILE", help="plain text (blank-line "
+                                 "separated documents) or JSONL with a 'text' field")),
+         (("--mode",), dict(default="human", choices=("human", "ai", "doc"),
+                            help="mode of ingested text")),
+         (("--tagged",), dict(action="store_true", help="--from_text is JSONL of tagged "
+                              "documents: validate them against the grammar")),
+         (("--bad_records",), dict(default="error", choices=("error", "skip"),
+                                   help="stop at a bad input record, or skip and log it")))),
 }
 
 GIN_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
