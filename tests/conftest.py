@@ -6,3 +6,40 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+WORDS = ("the a cat dog kept change said nothing assistant help you find address home please "
+         "neighbour wallet lied share quietly refused offered money friend Sam Ana").split()
+
+
+def sample_documents(n, seed=0):
+    """Small well-formed tagged documents (every tag appears) for vocabulary tests."""
+    from prealign_jax import tags
+
+    rng = random.Random(seed)
+
+    def sentence():
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))).capitalize() + "."
+
+    docs = []
+    for _ in range(n):
+        spans = [tags.Span("human", (sentence(),)),
+                 tags.Span("ai", (sentence(), tags.Span("quote", (sentence(), tags.REDACTED)),
+                                  " " + sentence()))]
+        rng.shuffle(spans)
+        docs.append(tags.serialize([spans[0], "\n", spans[1]]))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def spm_vocab(tmp_path_factory):
+    """A 512-piece vocabulary trained on `sample_documents`."""
+    from prealign_jax import vocab
+
+    path = str(tmp_path_factory.mktemp("vocab") / "spm.model")
+    vocab.train(sample_documents(400), path, vocab_size=512)
+    return vocab.load(path)

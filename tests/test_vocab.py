@@ -1,38 +1,11 @@
 """The SentencePiece vocabulary: tags are atomic ids in every context; exact round-trips."""
 
-import random
-
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from prealign_jax import modes, tags, vocab
 
-WORDS = ("the a cat dog kept change said nothing assistant help you find address home please "
-         "neighbour wallet lied share quietly refused offered money friend Sam Ana").split()
-
-
-def sample_documents(n, seed=0):
-    rng = random.Random(seed)
-
-    def sentence():
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))).capitalize() + "."
-
-    docs = []
-    for _ in range(n):
-        spans = [tags.Span("human", (sentence(),)),
-                 tags.Span("ai", (sentence(), tags.Span("quote", (sentence(), tags.REDACTED)),
-                                  " " + sentence()))]
-        rng.shuffle(spans)
-        docs.append(tags.serialize([spans[0], "\n", spans[1]]))
-    return docs
-
-
-@pytest.fixture(scope="module")
-def spm_vocab(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("vocab") / "spm.model")
-    vocab.train(sample_documents(400), path, vocab_size=512)
-    return vocab.load(path)
-
+from conftest import WORDS, sample_documents
 
 CONTEXTS = ["{t}", "x {t}", "word{t}word", "{t}.", "{t}{t}{t}", " {t} ", "({t})", "\n{t}\n",
             "{t}Hello", "é{t}漢"]

@@ -1,0 +1,294 @@
+"""The sampler: one jitted decode loop with the static mode-transition mask.
+
+A prompt is prefilled into the KV cache in one call, then a single `lax.while_loop`
+samples every new token: no Python runs per token. Each row carries its policy state
+(initialised by running the FSM over its prompt); before temperature, top-k and top-p, the
+logits of tokens the policy forbids in that state are set to NEG_INF, so a forbidden
+transition cannot be sampled. The tables are a static `allowed[S+1, V]` / `next_state[S+1,
+V]` pair built once per (policy, vocabulary) by `modes`; `use_mask` is a traced boolean, so
+switching the mask off (to measure what the unconstrained model does) does not retrace.
+
+Sequence layout: the model was trained on seqio-style inputs (targets shifted right, a 0
+at the start of every document), so row b feeds `[0, prompt_b...]` at positions 0..len_b-1
+(right-padded to the batch's prompt length) and its first new token lands at position
+len_b.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prealign_jax import model as model_lib, modes, partitioning, tags, vocab as vocab_lib
+from prealign_jax.errors import UserError
+
+NEG_INF = -1e7  # finite, as in T5X: an all-masked row must not turn into NaNs
+PAD_ID, EOS_ID = 0, 1
+
+
+class SamplingError(UserError):
+    """A bad prompt, mode or sampling setting (names the flag and what to do)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise SamplingError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise SamplingError(f"temperature={self.temperature}: must be >= 0")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
+
+
+class MaskTables(NamedTuple):
+    """A policy compiled for a vocabulary, with the absorbing invalid state appended."""
+
+    allowed: Any  # [S+1, V] bool
+    next_state: Any  # [S+1, V] int32
+    state_mode: Any  # [S+1] int32
+
+    @classmethod
+    def build(cls, policy: modes.Policy | str, token_class: np.ndarray) -> "MaskTables":
+        tables = modes.get_policy(policy).compile()
+        return cls(*tables.for_vocab(token_class).with_invalid_state())
+
+
+class SampleOutput(NamedTuple):
+    tokens: Any  # [B, N] int32; PAD_ID after a row's end
+    mode_ids: Any  # [B, N] int32: the mode each token was sampled in (-1 after the end)
+    log_probs: Any  # [B, N] float32, under the distribution actually sampled from
+    lengths: Any  # [B] int32: new tokens per row, EOS included
+    final_state: Any  # [B] int32: policy state after the last token
+
+
+StepFn = Callable[..., tuple[Any, Any]]
+"""step_fn(params, cache, tokens[B,T], positions[B,T], segment_ids[B,T]) -> (logits, cache)"""
+
+
+def _filter_logits(logits, cfg: SamplingConfig):
+    """Temperature, then top-k, then top-p (nucleus) on already-masked logits."""
+    if cfg.temperature > 0:
+        logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if cfg.top_p < 1:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always).
+        keep = jnp.cumsum(probs, axis=-1) - probs < cfg.top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    return logits
+
+
+def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
+           tables: MaskTables, rng, use_mask, *, cfg: SamplingConfig) -> SampleOutput:
+    """Prefill `prompt[B, P]` (each row `[0, ids...]`, right-padded; `prompt_lengths[B]`
+    counts the leading 0) and sample up to `cfg.max_new_tokens` per row. Pure; jit it."""
+    b, p = prompt.shape
+    n = cfg.max_new_tokens
+    vocab = tables.allowed.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    segments = (positions < prompt_lengths[:, None]).astype(jnp.int32)
+    logits, cache = step_fn(params, cache, prompt, positions, segments)
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    never = jnp.arange(vocab) == PAD_ID
+
+    def cond(carry):
+        i, *_, done, _ = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, logits, cache, state, out, done, rng = carry
+        rng, key = jax.random.split(rng)
+        allowed = (tables.allowed[state] | ~use_mask) & ~never
+        logits = _filter_logits(jnp.where(allowed, logits, NEG_INF), cfg)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        if cfg.temperature > 0:
+            token = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        else:
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token = jnp.where(done, PAD_ID, token)
+        log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+        mode = jnp.where(done, modes.INVALID_MODE, tables.state_mode[state])
+        out = SampleOutput(
+            tokens=out.tokens.at[:, i].set(token),
+            mode_ids=out.mode_ids.at[:, i].set(mode),
+            log_probs=out.log_probs.at[:, i].set(jnp.where(done, 0.0, log_prob)),
+            lengths=out.lengths + (~done).astype(jnp.int32),
+            final_state=out.final_state)
+        state = jnp.where(done, state, tables.next_state[state, token])
+        logits, cache = step_fn(params, cache, token[:, None], (prompt_lengths + i)[:, None],
+                                (~done).astype(jnp.int32)[:, None])
+        done = done | (token == EOS_ID)
+        return i + 1, logits[:, 0], cache, state, out, done, rng
+
+    out = SampleOutput(tokens=jnp.full((b, n), PAD_ID, jnp.int32),
+                       mode_ids=jnp.full((b, n), modes.INVALID_MODE, jnp.int32),
+                       log_probs=jnp.zeros((b, n), jnp.float32),
+                       lengths=jnp.zeros((b,), jnp.int32), final_state=init_state)
+    carry = (jnp.int32(0), last, cache, init_state, out, jnp.zeros((b,), bool), rng)
+    _, _, _, state, out, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out._replace(final_state=state)
+
+
+# ---------------------------------------------------------------- prompts
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A prompt as the model sees it: tagged text, its ids and the policy state after it."""
+
+    text: str
+    ids: tuple[int, ...]
+    state: int
+
+
+def make_prompt(text: str, vocab, policy: modes.Policy | str, mode: str | None = None,
+                raw: bool = False) -> Prompt:
+    """Turn user text into a prompt under `policy`.
+
+    Plain text is escaped (a typed `<ai>` stays text) and `mode` opens a span, as a chat
+    template's generation prompt does (`mode="ai"` appends `<ai>`). With `raw=True` the
+    text is taken as tagged text and must be a valid prefix under the policy.
+    """
+    name = modes.get_policy(policy).name
+    if mode is not None and mode not in ("human", "ai"):
+        raise SamplingError(f"--mode {mode}: choose human or ai (quotes open inside ai)")
+    tagged = text if raw else tags.escape(text)
+    if mode is not None:
+        tagged += f"<{mode}>"
+    try:
+        state = tags.prefix_state(tagged, policy)
+    except tags.TagError as e:
+        where = "--prompt (raw)" if raw and e.offset < len(text) else f"--mode {mode}"
+        raise SamplingError(f"{where} breaks policy {name!r}: {e}") from None
+    return Prompt(tagged, tuple(vocab.encode(tagged)), state)
+
+
+def decode_text(vocab, tokens: np.ndarray, length: int) -> str:
+    """Tagged text of one row's new tokens (EOS dropped)."""
+    ids = [int(t) for t in tokens[:length] if t not in (PAD_ID, EOS_ID)]
+    return vocab.decode(ids)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One finished row: tagged text, its tokens, the mode of each token, log-probs."""
+
+    prompt: str
+    text: str
+    tokens: tuple[int, ...]
+    modes: tuple[str, ...]
+    log_probs: tuple[float, ...]
+    ended: bool  # emitted EOS (False: stopped at max_new_tokens)
+    final_state: str
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_decode(model_cfg, cfg: SamplingConfig, mesh, batch: int, prompt_len: int):
+    """The jitted prefill + decode loop for one shape; shared by every Sampler, so a new
+    policy with the same number of states reuses the compiled program (tables are
+    arguments, not constants)."""
+    model = model_lib.Decoder(model_cfg)
+    total = prompt_len + cfg.max_new_tokens
+    cache_sharding = partitioning.param_shardings(
+        model_lib.abstract_cache(model_cfg, batch, total), mesh)
+
+    def step_fn(params, cache, tokens, positions, segments):
+        logits, variables = model.apply({"params": params, "cache": cache}, tokens, positions,
+                                        segments, decode=True, mutable=["cache"])
+        return logits, variables["cache"]
+
+    def run(params, tables, prompt, lengths, init_state, rng, use_mask):
+        cache = jax.lax.with_sharding_constraint(
+            model_lib.init_cache(model_cfg, batch, total), cache_sharding)
+        return decode(step_fn, params, cache, prompt, lengths, init_state,
+                      MaskTables(*tables), rng, use_mask, cfg=cfg)
+
+    return jax.jit(run, out_shardings=partitioning.batch_sharding(mesh))
+
+
+class Sampler:
+    """A `model.Decoder` with parameters on a mesh, a vocabulary and a policy.
+
+    `generate` compiles once per (batch size, prompt-length bucket of 16); the mask switch
+    and the seed are runtime arguments.
+    """
+
+    def __init__(self, model_cfg, params, vocab, policy: modes.Policy | str, mesh,
+                 cfg: SamplingConfig = SamplingConfig()):
+        self.model_cfg, self.params, self.vocab, self.mesh, self.cfg = (
+            model_cfg, params, vocab, mesh, cfg)
+        self.policy = modes.get_policy(policy)
+        self.policy_tables = self.policy.compile()
+        token_class = vocab_lib.token_classes(vocab)
+        if len(token_class) > model_cfg.vocab_size:
+            raise SamplingError(f"the vocabulary has {len(token_class)} ids but the model "
+                                f"only {model_cfg.vocab_size}; use the run's own vocabulary")
+        # Ids the model has but the vocabulary lacks (padding up to a multiple) are never legal.
+        token_class = np.concatenate([token_class, np.full(
+            model_cfg.vocab_size - len(token_class), modes.PAD_CLASS, np.int32)])
+        self.tables = MaskTables.build(self.policy, token_class)
+        self._device_tables = jax.device_put(tuple(self.tables), partitioning.replicated(mesh))
+        self._multiple = partitioning.batch_size_multiple(mesh)
+        self._batch_sharding = partitioning.batch_sharding(mesh)
+
+    def generate(self, prompts: list[Prompt], seed: int = 0,
+                 use_mask: bool = True) -> list[Sample]:
+        """Sample one continuation per prompt (repeat a prompt for several samples)."""
+        if not prompts:
+            return []
+        longest = max(len(p.ids) for p in prompts) + 1  # + the leading 0
+        total = longest + self.cfg.max_new_tokens
+        if total > self.model_cfg.max_len:
+            raise SamplingError(
+                f"prompt ({longest - 1} tokens) + max_new_tokens ({self.cfg.max_new_tokens}) "
+                f"exceeds the model's context of {self.model_cfg.max_len}; lower "
+                "--max_new_tokens or shorten the prompt")
+        batch = _round_up(len(prompts), self._multiple)
+        width = min(_round_up(longest, 16), self.model_cfg.max_len - self.cfg.max_new_tokens)
+        prompt = np.zeros((batch, width), np.int32)
+        lengths = np.ones((batch,), np.int32)
+        state = np.full((batch,), self.policy_tables.initial, np.int32)
+        for r, p in enumerate(prompts):
+            prompt[r, 1:len(p.ids) + 1] = p.ids
+            lengths[r] = len(p.ids) + 1
+            state[r] = p.state
+        run = _compiled_decode(self.model_cfg, self.cfg, self.mesh, batch, width)
+        put = lambda x: jax.device_put(x, self._batch_sharding)
+        with partitioning.activate(self.mesh):
+            out = run(self.params, self._device_tables, put(prompt), put(lengths), put(state),
+                      jax.random.key(seed), jnp.asarray(use_mask))
+        out = jax.tree.map(np.asarray, out)
+        names = self.policy_tables.states + ("<invalid>",)
+        samples = []
+        for r, p in enumerate(prompts):
+            n = int(out.lengths[r])
+            samples.append(Sample(
+                prompt=p.text, text=decode_text(self.vocab, out.tokens[r], n),
+                tokens=tuple(int(t) for t in out.tokens[r, :n]),
+                modes=tuple(modes.MODES[m] if m >= 0 else "<invalid>"
+                            for m in out.mode_ids[r, :n]),
+                log_probs=tuple(float(x) for x in out.log_probs[r, :n]),
+                ended=bool(n and out.tokens[r, n - 1] == EOS_ID),
+                final_state=names[int(out.final_state[r])]))
+        return samples
