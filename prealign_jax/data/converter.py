@@ -21,6 +21,7 @@ from prealign_jax.data import fsm_tf
 tf = tf_cpu.import_tf()
 
 DEFAULT_MODE_WEIGHTS = {mode: 1.0 for mode in modes.MODES}
+_CONVERT_BATCH = 64
 
 
 def weight_table(mode_weights: Mapping[str, float] | None = None,
@@ -62,7 +63,8 @@ class ConditionalLMFeatureConverter(seqio.FeatureConverter):
         self._weights = weight_table(mode_weights, tag_weight)
         self._tables = modes.get_policy(policy).compile()
 
-    def _convert_example(self, features):
+    def _convert_batch(self, features):
+        """Model features of a batch `[b, length]` of packed examples (vectorised)."""
         targets = features["targets"]
         segment_ids = features["targets_segment_ids"]
         classes = tf.gather(tf.constant(self._token_class), targets)
@@ -70,10 +72,13 @@ class ConditionalLMFeatureConverter(seqio.FeatureConverter):
         mode = fsm_tf.mode_ids(self._tables, read_in)
         mode = tf.where(mode < 0, len(modes.MODES), mode)  # invalid -> last column
         weights = tf.gather_nd(tf.constant(self._weights), tf.stack([classes, mode], -1))
+        # Inputs: targets shifted right; BOS at the first token of every segment.
+        shifted = tf.pad(targets[:, :-1], [[0, 0], [1, 0]], constant_values=self.bos_id)
+        prev_seg = tf.pad(segment_ids[:, :-1], [[0, 0], [1, 0]])
+        inputs = tf.where(segment_ids == prev_seg, shifted, self.bos_id)
         return {
             "decoder_target_tokens": targets,
-            "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(
-                targets, sequence_id=segment_ids, bos_id=self.bos_id),
+            "decoder_input_tokens": inputs,
             "decoder_loss_weights": tf.where(segment_ids > 0, weights, 0.0),
             "decoder_segment_ids": segment_ids,
             "decoder_positions": features["targets_positions"],
@@ -81,7 +86,9 @@ class ConditionalLMFeatureConverter(seqio.FeatureConverter):
 
     def _convert_features(self, ds, task_feature_lengths):
         ds = self._pack_or_pad(ds, task_feature_lengths)
-        return ds.map(self._convert_example, num_parallel_calls=tf.data.AUTOTUNE)
+        # Batched so the FSM runs over many examples per op; unbatched for seqio's contract.
+        return (ds.batch(_CONVERT_BATCH)
+                .map(self._convert_batch, num_parallel_calls=tf.data.AUTOTUNE).unbatch())
 
     def get_model_feature_lengths(self, task_feature_lengths):
         length = task_feature_lengths["targets"]
