@@ -7,7 +7,7 @@ One Task per record source present in the manifest (`prealign_synthetic_human`,
 `prealign_synthetic_ai`, `prealign_synthetic_quote`, `prealign_ingested`) and the Mixture
 `prealign` over them. Each Task reads its shards from the manifest's file list (a
 file-based source, so `seqio.ShardInfo` gives each host its own files), tokenizes and
-validates every record (bad-record policy), optionally drops tags, and appends EOS.
+validates every record (bad-record policy) and appends EOS, then optionally drops tags.
 """
 
 from __future__ import annotations
@@ -101,7 +101,6 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
                 functools.partial(preprocessors.tokenize_and_validate,
                                   bad_records=bad_records),
                 functools.partial(preprocessors.tag_dropout, rate=tag_dropout),
-                seqio.preprocessors.append_eos,
             ],
             output_features=output_features,
             shuffle_buffer_size=shuffle_buffer_size)

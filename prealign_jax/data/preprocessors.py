@@ -27,22 +27,23 @@ _VALIDATION_BATCH = 128
 
 
 def read_record(filename, skip_corrupt: bool):
-    """A shard file as records {text, shard, record}: the record index within its file."""
+    """A shard file as records {serialized, shard, record}: the record index in its file.
+
+    Parsing is left to `tokenize_and_validate`, which does it a batch at a time.
+    """
     ds = tf.data.TFRecordDataset(filename)
     if skip_corrupt:
         ds = ds.ignore_errors(log_warning=True)
-    spec = {"text": tf.io.FixedLenFeature([], tf.string, default_value="")}
-    return ds.enumerate().map(
-        lambda i, raw: {"text": tf.io.parse_single_example(raw, spec)["text"],
-                        "shard": filename, "record": i},
-        num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.enumerate().map(lambda i, raw: {"serialized": raw, "shard": filename,
+                                              "record": i})
 
 
 def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
                           policy: modes.Policy | str = modes.GRAMMAR):
-    """Tokenize `text` into `targets` and apply the bad-record policy.
+    """Parse, tokenize into `targets` + EOS, and apply the bad-record policy.
 
-    Output examples hold only `targets` (int32 token ids, no EOS yet).
+    Works a batch of records at a time (one op per batch, not per record). Output examples
+    hold only `targets` (int32 token ids ending in EOS).
     """
     if bad_records not in BAD_RECORD_POLICIES:
         raise ValueError(f"bad_records={bad_records!r}; use one of {BAD_RECORD_POLICIES}")
@@ -56,8 +57,11 @@ def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
     state_names = tf.constant(list(tables.states) + ["<invalid>"])
     reasons = tf.constant(_REASONS)
 
+    spec = {"text": tf.io.FixedLenFeature([], tf.string, default_value="")}
+    eos = tf.constant([[vocab.eos_id]], tf.int32)
+
     def check(ex):
-        text = ex["text"]
+        text = tf.io.parse_example(ex["serialized"], spec)["text"]
         tokens = tf.cast(vocab.encode_tf(text), tf.int32)
         classes = tf.gather(token_class, tokens)
         lengths = tf.cast(classes.row_lengths(), tf.int32)
@@ -86,7 +90,9 @@ def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
         message = tf.strings.join([
             "shard ", ex["shard"], " record ", tf.strings.as_string(ex["record"]), ": ",
             tf.gather(reasons, reason), tf.where(detail == "", "", ": "), detail])
-        return {"targets": tokens, "reason": reason, "message": message}
+        with_eos = tf.concat([tokens, tf.RaggedTensor.from_tensor(
+            tf.tile(eos, [tf.shape(text)[0], 1]))], axis=1)
+        return {"targets": with_eos, "reason": reason, "message": message}
 
     ds = dataset.batch(_VALIDATION_BATCH).map(check, num_parallel_calls=tf.data.AUTOTUNE)
     if bad_records == "error":
