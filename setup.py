@@ -34,6 +34,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3"],
+        # The Hugging Face peer in bench/sample_throughput.py (torch 2.13.0 is a local CPU
+        # wheel on our dev machines; elsewhere pip may pull a CUDA build).
+        "bench": ["torch==2.13.0", "transformers==5.24.0"],
     },
     entry_points={"console_scripts": ["prealign=prealign_jax.main:run"]},
 )

@@ -98,15 +98,16 @@ def _filter_logits(logits, cfg: SamplingConfig):
 
 
 def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
-           tables: MaskTables, rng, use_mask, *, cfg: SamplingConfig) -> SampleOutput:
+           tables: MaskTables | None, rng, use_mask, *, cfg: SamplingConfig) -> SampleOutput:
     """Prefill `prompt[B, P]` (each row `[0, ids...]`, right-padded; `prompt_lengths[B]`
-    counts the leading 0) and sample up to `cfg.max_new_tokens` per row. Pure; jit it."""
+    counts the leading 0) and sample up to `cfg.max_new_tokens` per row. Pure; jit it.
+
+    `tables=None` compiles the loop without any mode machinery (no mask, no FSM): the
+    baseline against which the mask's cost is measured (bench/sample_throughput.py)."""
     b, p = prompt.shape
     n = cfg.max_new_tokens
-    vocab = tables.allowed.shape[1]
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    segments = (positions < prompt_lengths[:, None]).astype(jnp.int32)
-    logits, cache = step_fn(params, cache, prompt, positions, segments)
+    logits, cache = step_fn(params, cache, prompt, *_prefill_layout(prompt, prompt_lengths))
+    vocab = logits.shape[-1]
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     never = jnp.arange(vocab) == PAD_ID
 
@@ -117,7 +118,9 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
     def body(carry):
         i, logits, cache, state, out, done, rng = carry
         rng, key = jax.random.split(rng)
-        allowed = (tables.allowed[state] | ~use_mask) & ~never
+        allowed = ~never
+        if tables is not None:
+            allowed &= tables.allowed[state] | ~use_mask
         logits = _filter_logits(jnp.where(allowed, logits, NEG_INF), cfg)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         if cfg.temperature > 0:
@@ -126,14 +129,15 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         token = jnp.where(done, PAD_ID, token)
         log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
-        mode = jnp.where(done, modes.INVALID_MODE, tables.state_mode[state])
+        mode = modes.INVALID_MODE if tables is None else tables.state_mode[state]
         out = SampleOutput(
             tokens=out.tokens.at[:, i].set(token),
-            mode_ids=out.mode_ids.at[:, i].set(mode),
+            mode_ids=out.mode_ids.at[:, i].set(jnp.where(done, modes.INVALID_MODE, mode)),
             log_probs=out.log_probs.at[:, i].set(jnp.where(done, 0.0, log_prob)),
             lengths=out.lengths + (~done).astype(jnp.int32),
             final_state=out.final_state)
-        state = jnp.where(done, state, tables.next_state[state, token])
+        if tables is not None:
+            state = jnp.where(done, state, tables.next_state[state, token])
         logits, cache = step_fn(params, cache, token[:, None], (prompt_lengths + i)[:, None],
                                 (~done).astype(jnp.int32)[:, None])
         done = done | (token == EOS_ID)
@@ -146,6 +150,12 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
     carry = (jnp.int32(0), last, cache, init_state, out, jnp.zeros((b,), bool), rng)
     _, _, _, state, out, _, _ = jax.lax.while_loop(cond, body, carry)
     return out._replace(final_state=state)
+
+
+def _prefill_layout(prompt, prompt_lengths):
+    """Positions and segment ids of a right-padded prompt batch (padding is segment 0)."""
+    positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
+    return positions, (positions < prompt_lengths[:, None]).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------- prompts
@@ -204,7 +214,8 @@ class Sample:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_decode(model_cfg, cfg: SamplingConfig, mesh, batch: int, prompt_len: int):
+def _compiled_decode(model_cfg, cfg: SamplingConfig, mesh, batch: int, prompt_len: int,
+                     masked: bool = True):
     """The jitted prefill + decode loop for one shape; shared by every Sampler, so a new
     policy with the same number of states reuses the compiled program (tables are
     arguments, not constants)."""
@@ -222,7 +233,7 @@ def _compiled_decode(model_cfg, cfg: SamplingConfig, mesh, batch: int, prompt_le
         cache = jax.lax.with_sharding_constraint(
             model_lib.init_cache(model_cfg, batch, total), cache_sharding)
         return decode(step_fn, params, cache, prompt, lengths, init_state,
-                      MaskTables(*tables), rng, use_mask, cfg=cfg)
+                      MaskTables(*tables) if masked else None, rng, use_mask, cfg=cfg)
 
     return jax.jit(run, out_shardings=partitioning.batch_sharding(mesh))
 
@@ -277,7 +288,7 @@ class Sampler:
         put = lambda x: jax.device_put(x, self._batch_sharding)
         with partitioning.activate(self.mesh):
             out = run(self.params, self._device_tables, put(prompt), put(lengths), put(state),
-                      jax.random.key(seed), jnp.asarray(use_mask))
+                      jax.random.key(seed, impl="rbg"), jnp.asarray(use_mask))
         out = jax.tree.map(np.asarray, out)
         names = self.policy_tables.states + ("<invalid>",)
         samples = []

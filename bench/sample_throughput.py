@@ -1,0 +1,150 @@
+"""Decode throughput of the masked sampler, its mask overhead, and a Hugging Face peer.
+
+Prints one JSON object per (config, batch): tokens_per_s (new tokens, all rows), the mask
+overhead (time per decode step of the masked loop ÷ the same loop compiled without any mode
+machinery, medians of --repeats interleaved runs in one process),
+and hf_tokens_per_s: `transformers` `generate` on a LlamaForCausalLM of the same dimensions
+with an equivalent state-tracking mode-mask LogitsProcessor (optional: pip install
+.[bench]; reported as null when torch/transformers are missing).
+
+Both sides: random weights, sampling at temperature 1, the `grammar` policy (every state
+allows text, so HF's min_new_tokens never meets an all-masked row), prompt
+`<ai>`, exactly --new_tokens steps (HF: min_new_tokens = max_new_tokens; ours: steps of the
+while loop x batch, so rows that end early do not flatter the figure).
+
+    python bench/sample_throughput.py [--configs tiny,small] [--batches 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prealign_jax import model as model_lib, modes, partitioning, sampling
+
+CONFIGS = {
+    "tiny": dict(vocab_size=2048, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4,
+                 head_dim=None, mlp_dim=512, max_len=512),
+    "small": dict(vocab_size=8192, d_model=384, num_layers=6, num_heads=6, num_kv_heads=6,
+                  head_dim=None, mlp_dim=1536, max_len=512),
+}
+
+
+def token_classes(vocab_size: int) -> np.ndarray:
+    """The layout `vocab.train` produces: pad 0, eos 1, unk 2, then the seven tags."""
+    classes = np.full((vocab_size,), modes.TEXT, np.int32)
+    classes[0], classes[1] = modes.PAD_CLASS, modes.EOS_CLASS
+    for i, tag in enumerate(modes.TAGS):
+        classes[3 + i] = modes.TAG_CLASS[tag]
+    return classes
+
+
+def bench_ours(cfg, batch, new_tokens, repeats):
+    mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+    params = model_lib.Decoder(cfg).init(
+        jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
+    scfg = sampling.SamplingConfig(max_new_tokens=new_tokens)
+    tables = sampling.MaskTables.build("grammar", token_classes(cfg.vocab_size))
+    ai = modes.GRAMMAR.compile().states.index("ai")
+    prompt = np.zeros((batch, 16), np.int32)
+    prompt[:, 1] = 3 + modes.TAGS.index("<ai>")
+    lengths = np.full((batch,), 2, np.int32)
+    state = np.full((batch,), ai, np.int32)
+    args = (params, tuple(jnp.asarray(t) for t in tables), prompt, lengths, state)
+    runs = {masked: sampling._compiled_decode(cfg, scfg, mesh, batch, 16, masked=masked)
+            for masked in (True, False)}
+    t0 = time.perf_counter()
+    jax.block_until_ready(runs[True](*args, jax.random.key(0, impl="rbg"), jnp.asarray(True)))
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(runs[False](*args, jax.random.key(0, impl="rbg"), jnp.asarray(True)))
+    per_step = {True: [], False: []}
+    for r in range(repeats):
+        for masked in (True, False):  # interleaved: drift hits both alike
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(
+                runs[masked](*args, jax.random.key(r, impl="rbg"), jnp.asarray(True)))
+            steps = int(np.asarray(out.lengths).max())
+            per_step[masked].append((time.perf_counter() - t0) / steps)
+    masked = statistics.median(per_step[True])
+    return dict(tokens_per_s=batch / masked, compile_s=compile_s,
+                mask_overhead_ratio=masked / statistics.median(per_step[False]))
+
+
+def bench_hf(cfg, batch, new_tokens, repeats):
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_len,
+        pad_token_id=0, eos_token_id=1, bos_token_id=0, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    tables = sampling.MaskTables.build("grammar", token_classes(cfg.vocab_size))
+    allowed, next_state = torch.tensor(tables.allowed), torch.tensor(tables.next_state)
+    ai = modes.GRAMMAR.compile().states.index("ai")
+
+    class ModeMask(transformers.LogitsProcessor):
+        """Per-row policy state, advanced on each new token; forbidden logits -> -inf."""
+
+        def __init__(self, prompt_len):
+            self.prompt_len, self.state = prompt_len, None
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == self.prompt_len:
+                self.state = torch.full((input_ids.shape[0],), ai)
+            else:
+                self.state = next_state[self.state, input_ids[:, -1]]
+            return scores.masked_fill(~allowed[self.state], float("-inf"))
+
+    prompt = torch.tensor([[0, 3 + modes.TAGS.index("<ai>")]] * batch)
+    times = []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                           top_k=0, temperature=1.0, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens,
+                           logits_processor=transformers.LogitsProcessorList([ModeMask(2)]))
+        if r:  # the first call warms up
+            times.append(time.perf_counter() - t0)
+    return batch * new_tokens / statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="tiny,small")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no_hf", action="store_true", help="skip the transformers peer")
+    args = parser.parse_args()
+    for name in args.configs.split(","):
+        cfg = model_lib.ModelConfig(**CONFIGS[name])
+        for batch in map(int, args.batches.split(",")):
+            ours = bench_ours(cfg, batch, args.new_tokens, args.repeats)
+            hf = None if args.no_hf else bench_hf(cfg, batch, args.new_tokens,
+                                                  max(2, args.repeats // 2))
+            print(json.dumps(dict(
+                config=name, batch=batch, new_tokens=args.new_tokens,
+                tokens_per_s=round(ours["tokens_per_s"], 1),
+                mask_overhead_ratio=round(ours["mask_overhead_ratio"], 4),
+                compile_s=round(ours["compile_s"], 2),
+                hf_tokens_per_s=None if hf is None else round(hf, 1),
+                speedup_vs_hf=None if hf is None else round(ours["tokens_per_s"] / hf, 2),
+                backend=jax.default_backend())), flush=True)
+
+
+if __name__ == "__main__":
+    main()
