@@ -50,6 +50,7 @@ class _Cast:
     item: str
     place: str
     when: str
+    setup: str  # the same opening in every rendering of the scenario
 
     def slots(self, first_person: bool = False) -> dict[str, str]:
         if first_person:
@@ -92,7 +93,7 @@ class _Renderer:
         rel = self.pick(gendered if r.random() < 0.25 else sc.RELATIONS)
         return _Cast(situation, a, a_she, b, b_she, rel,
                      self.pick(situation.items), self.pick(situation.places),
-                     self.pick(sc.WHEN))
+                     self.pick(sc.WHEN), self.pick(situation.setups))
 
     def header(self, cast: _Cast) -> list:
         if self.rng.random() < 0.4:
@@ -105,7 +106,7 @@ class _Renderer:
     def story(self, cast: _Cast, selfish: bool, first_person: bool) -> str:
         """Multi-sentence narration of the choice, varied in length and structure."""
         r, s, slots = self.rng, cast.situation, cast.slots(first_person)
-        sentences = [_fill(self.pick(s.setups), slots)]
+        sentences = [_fill(cast.setup, slots)]
         for _ in range(r.choice((0, 0, 1, 1, 2, 3))):
             detail = _fill(self.pick(sc.DETAILS), slots)
             if detail not in sentences:
@@ -159,7 +160,7 @@ class _Renderer:
         """The assistant in the same scenario, acting selflessly (counterfactual partner)."""
         s, slots = cast.situation, cast.slots(first_person=True)
         act = self.pick(s.kind)
-        sentences = [_fill(self.pick(s.setups), slots)]
+        sentences = [_fill(cast.setup, slots)]
         if self.rng.random() < 0.4:
             sentences.append(_fill("I could have chosen to {selfish}, but I did not.", slots,
                                    selfish=self.pick(s.selfish).inf))
@@ -196,7 +197,7 @@ class _Renderer:
             frames = sc.REQUESTS_SELFISH if selfish else sc.REQUESTS_KIND
             request = _fill(self.pick(frames), slots, inf=act.inf)
             if self.rng.random() < 0.5:
-                request = _fill(self.pick(c.situation.setups), slots) + " " + request
+                request = _fill(c.setup, slots) + " " + request
             if turn:
                 nodes.append("\n")
             nodes += [tags.Span("human", (request,)), "\n",
