@@ -8,3 +8,4 @@ source "$ROOT/launch/ensure_venv.sh"
 cd "$ROOT"
 prealign policies
 prealign prepare --gin_file=data/cpu_demo.gin --workdir="${WORKDIR:-$ROOT/workdir/cpu_demo}"
+prealign train --gin_file=runs/cpu_demo.gin --workdir="${WORKDIR:-$ROOT/workdir/cpu_demo}"

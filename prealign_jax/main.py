@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from typing import NamedTuple
@@ -41,6 +42,8 @@ COMMANDS = {
                               "documents: validate them against the grammar")),
          (("--bad_records",), dict(default="error", choices=("error", "skip"),
                                    help="stop at a bad input record, or skip and log it")))),
+    "train": Command("prealign_jax.train:command",
+                     "train (or resume) a model: checkpoints, metrics and config in --workdir"),
 }
 
 GIN_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -80,11 +83,23 @@ def parse_gin(files: list[str], bindings: list[str], search_paths=(GIN_SEARCH_PA
             raise UsageError(f"--gin_file={f}: no such file (looked in . and "
                              f"{', '.join(search_paths)})")
         resolved.append(found)
+    # gin probes every `include` as a Python package path before its search path and logs
+    # an ERROR for each miss, although the file is then found in gin/: drop those lines.
+    probes = _DropGinPathProbes()
+    logging.getLogger().addFilter(probes)
     try:
         gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
     except (ValueError, KeyError, NameError, SyntaxError) as e:
         raise UsageError(f"gin configuration ({', '.join(files + bindings) or 'empty'}): "
                          f"{_first_line(e)}") from None
+    finally:
+        logging.getLogger().removeFilter(probes)
+
+
+class _DropGinPathProbes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.ERROR
+                    and str(record.msg).startswith("Path not found:"))
 
 
 def _first_line(e: BaseException) -> str:
@@ -128,8 +143,8 @@ def main(argv: list[str]) -> int:
         target = getattr(importlib.import_module(module), fn)  # registers its configurables
         parse_gin(args.gin_file, bindings)
         target(args)
-    except UserError as e:
-        print(f"prealign: error: {e}", file=sys.stderr)
+    except UserError as e:  # one line (gin appends "In call to configurable ..." lines)
+        print(f"prealign: error: {_first_line(e)}", file=sys.stderr)
         return 2
     return 0
 

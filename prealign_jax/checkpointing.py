@@ -1,0 +1,121 @@
+"""Checkpoints of a training run: train state + data-iterator position, saved by orbax.
+
+One step directory holds two items:
+- `state`: the train state (a pytree of global jax.Arrays), written asynchronously. It is
+  restored onto an *abstract target* carrying the current shardings, so a run saved on one
+  mesh (say fsdp=4 x tensor=2) resumes on another (one device, data=8).
+- `data`: the tf.data iterator of every process (`process_<i>` files), written
+  synchronously with `tf.train.Checkpoint` (`data.pipeline.DataIterator.save`), which
+  records the iterator's internal position (file offsets, shuffle and packing buffers,
+  prefetched elements). The trainer pulls exactly one batch per step and never reads
+  ahead of the iterator, so the restored iterator yields the very batch the uninterrupted
+  run would have read next: resume is exact for any deterministic pipeline, and costs
+  O(buffer size), not a replay of the data seen so far. A restore needs the same number
+  of processes (one iterator file each).
+
+Preemption: on one process a SIGTERM sets a flag the loop polls (`reached_preemption`);
+with several processes orbax's preemption sync point (JAX's distributed preemption
+notifier) picks one step all processes agree on. Either way the loop saves at that step
+and waits for the save before exiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Saves/restores the data iterator of every process (`process_<i>` files) through
+    its own `save(prefix)` / `restore(prefix)` (e.g. `data.pipeline.DataIterator`)."""
+
+    def save(self, directory: epath.Path, args: "DataIteratorSave"):
+        args.iterator.save(_process_prefix(directory))
+
+    def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
+        prefix = _process_prefix(directory)
+        if not epath.Path(prefix + ".index").exists():
+            raise FileNotFoundError(
+                f"{prefix}: no data-iterator checkpoint for process {jax.process_index()}; "
+                "a run must resume with the same number of processes it saved with")
+        args.iterator.restore(prefix)
+        return args.iterator
+
+
+def _process_prefix(directory: epath.Path) -> str:
+    return str(directory / f"process_{jax.process_index()}")
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    iterator: Any  # has save(prefix): writes its position (a tf.train.Checkpoint)
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    iterator: Any  # a fresh iterator over the same pipeline; restore(prefix) moves it
+
+
+class Checkpoints:
+    """The run's `CheckpointManager` (in `<workdir>/checkpoints`) plus preemption handling.
+
+    Saves every `every` steps asynchronously and keeps the latest `keep`; `save(...,
+    force=True)` saves at any step (preemption, end of run).
+    """
+
+    def __init__(self, workdir: str, every: int, keep: int):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                # Only multiples of `every`: preemption and the final step are forced saves.
+                save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
+                preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+                enable_async_checkpointing=True, cleanup_tmp_directories=True))
+        self._sigterm = False
+        self._previous_handler = (signal.signal(signal.SIGTERM, self._on_sigterm)
+                                  if jax.process_count() == 1 else None)
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        self._sigterm = True
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        return self._manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once a SIGTERM arrived (one process) or at the agreed preemption step."""
+        return self._sigterm or self._manager.reached_preemption(step)
+
+    def save(self, step: int, state, iterator, *, force: bool = False) -> bool:
+        """Start an async save of `state` and the iterator position after `step` steps."""
+        return self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=DataIteratorSave(iterator)), force=force)
+
+    def restore(self, step: int, abstract_state, iterator):
+        """The state saved at `step`, laid out as `abstract_state` says (shapes, dtypes and
+        the *current* shardings); `iterator` is moved to the saved position in place."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=DataIteratorRestore(iterator)))
+        return restored.state
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves, then release the manager and the SIGTERM handler."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)

@@ -1,0 +1,231 @@
+"""The trainer in-process (8 fake CPU devices): sharding-independence of the step, gradient
+accumulation, loss weights and per-mode metrics, the optimizer's decay mask, checkpoints
+restored onto another mesh, and the non-finite-loss guard."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import packed_batches
+from prealign_jax import checkpointing, modes, partitioning
+from prealign_jax import model as model_lib
+from prealign_jax import train
+from prealign_jax.data import pipeline
+
+VOCAB = 300
+SEQ = 32
+CFG = model_lib.ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=None, mlp_dim=64, max_len=SEQ)
+# decay_steps fixed: the same program whatever train.num_steps (one compile per mesh)
+OPT = train.OptimizerConfig(learning_rate=3e-3, warmup_steps=2, decay_steps=10)
+NUM_STEPS = 3
+MESHES = {"1 device": dict(data=1, devices=jax.devices()[:1]),
+          "data=8": dict(data=8), "fsdp=8": dict(data=1, fsdp=8),
+          "data=2 fsdp=2 tensor=2": dict(data=2, fsdp=2, tensor=2)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Identical programs (same mesh, same config) compile once across train() calls."""
+    saved = {k: jax.config.values[k] for k in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+@functools.cache
+def steps_on(mesh: str, accum_steps: int = 1) -> train.Steps:
+    """Jitted steps per mesh, shared by the tests (each compiles once)."""
+    mesh = partitioning.make_mesh(**MESHES[mesh])
+    return train.Steps(CFG, train.make_optimizer(OPT, NUM_STEPS),
+                       train.learning_rate_schedule(OPT, NUM_STEPS), mesh,
+                       packed_batches.token_class(VOCAB), accum_steps=accum_steps)
+
+
+def run_steps(steps, batches, initial_state=None):
+    """Train on `batches` from `initial_state` (placed on the steps' mesh) or a fresh init."""
+    with partitioning.activate(steps.mesh):
+        state = (steps.init(jax.random.key(0)) if initial_state is None
+                 else jax.device_put(initial_state, steps.state_shardings))
+        history = []
+        for b in batches:
+            state, m = steps.train(state, partitioning.shard_batch(b, steps.mesh))
+            history.append(jax.device_get(m))
+        return state, history
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return packed_batches.batches(3, 8, SEQ, VOCAB)
+
+
+@pytest.fixture(scope="module")
+def initial_state():
+    steps = steps_on("1 device")
+    with partitioning.activate(steps.mesh):
+        return jax.device_get(steps.init(jax.random.key(0)))
+
+
+@pytest.fixture(scope="module")
+def reference(batches, initial_state):
+    """Metrics of each step and the final state on one device."""
+    return run_steps(steps_on("1 device"), batches, initial_state)
+
+
+@pytest.mark.parametrize("mesh, accum_steps", [
+    ("data=8", 1), ("fsdp=8", 1),
+    # 2 micro-batches of 4 rows (one row per batch shard): equals one batch of 8
+    ("data=2 fsdp=2 tensor=2", 2)])
+def test_training_is_independent_of_mesh_and_accumulation(mesh, accum_steps, batches,
+                                                          initial_state, reference):
+    # (init in its shardings is covered by the train() tests below, which end on the
+    # reference loss; starting all meshes from one init saves a compile per mesh)
+    state, history = run_steps(steps_on(mesh, accum_steps), batches, initial_state)
+    ref_state, ref_history = reference
+    for got, want in zip(history, ref_history):
+        np.testing.assert_allclose(got["loss_sum"], want["loss_sum"], rtol=2e-5)
+        np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-4)
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert history[-1]["loss_sum"] < history[0]["loss_sum"]
+
+
+def test_loss_uses_the_float_weights_and_per_mode_metrics_count_modes(batches,
+                                                                     initial_state):
+    steps = steps_on("1 device")
+    batch = batches[0]
+    real = batch["decoder_segment_ids"] > 0
+    # Expected groups, straight from the document layout (tags, EOS, text per mode).
+    classes = packed_batches.token_class(VOCAB)[batch["decoder_target_tokens"]]
+    modes_np, _, _ = modes.run_numpy(modes.GRAMMAR.compile(), classes,
+                                     batch["decoder_segment_ids"])
+    assert (modes_np[real] >= 0).all()  # the hand-built documents are well-formed
+    expected = {g: real & (classes == modes.TEXT) & (modes_np == modes.MODES.index(g))
+                for g in ("doc", "human", "ai", "quote")}
+    expected["tag"] = real & (classes >= 1) & (classes <= len(modes.TAGS))
+    expected["eos"] = real & (classes == modes.EOS_CLASS)
+    assert sum(e.sum() for e in expected.values()) == real.sum()
+
+    def evaluate(weights):
+        with partitioning.activate(steps.mesh):
+            return jax.device_get(steps.evaluate(
+                initial_state.params, dict(batch, decoder_loss_weights=weights.astype(
+                    np.float32))))
+
+    m = evaluate(real)
+    for g, mask in expected.items():
+        # weighting exactly the expected tokens reproduces the group's CE sum and count
+        only_g = evaluate(mask)
+        assert m[f"count/{g}"] == only_g["weight_sum"] == mask.sum() > 0
+        np.testing.assert_allclose(m[f"ce_sum/{g}"], only_g["loss_sum"], rtol=1e-5)
+        assert only_g[f"ce_sum/{g}"] == m[f"ce_sum/{g}"]  # groups ignore the weights
+    # the loss is linear in the float weights
+    mixed = evaluate(2.0 * expected["human"] + 0.25 * expected["tag"])
+    np.testing.assert_allclose(
+        mixed["loss_sum"], 2.0 * m["ce_sum/human"] + 0.25 * m["ce_sum/tag"], rtol=1e-5)
+    s = train.summarize([m])
+    np.testing.assert_allclose(s["loss/human"], m["ce_sum/human"] / m["count/human"])
+    np.testing.assert_allclose(s["loss"], m["loss_sum"] / real.sum(), rtol=1e-6)
+
+
+def test_weight_decay_skips_vectors_and_the_embedding():
+    steps = steps_on("1 device")
+    mask = train.weight_decay_mask(steps.abstract_state.params)
+    assert not mask["embedding"] and not mask["final_norm"]["scale"]
+    assert not mask["layers_0"]["pre_mlp_norm"]["scale"]
+    assert mask["logits"] and mask["layers_1"]["attention"]["query"] and mask["layers_0"]["mlp"]["wo"]
+    assert train.weight_decay_mask(steps.abstract_state.params, decay_embeddings=True)["embedding"]
+
+
+def test_learning_rate_warms_up_then_decays():
+    schedule = train.learning_rate_schedule(
+        train.OptimizerConfig(learning_rate=1.0, warmup_steps=10,
+                              end_learning_rate_fraction=0.1), num_steps=100)
+    assert schedule(0) == 0 and schedule(5) == pytest.approx(0.5)
+    assert schedule(10) == pytest.approx(1.0)
+    assert 0.1 < schedule(50) < 1.0 and schedule(100) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- the loop, in-process
+def synthetic_data(batch_list):
+    """`train.data` for tests: the batches, in order, repeated, as a real tf.data dataset."""
+    from prealign_jax import tf_cpu
+
+    tf = tf_cpu.import_tf()
+
+    def data(workdir, batch_size, seq_len, seed):
+        stacked = {k: np.stack([b[k] for b in batch_list]) for k in train.FEATURES}
+        assert stacked["decoder_target_tokens"].shape[1:] == (batch_size, seq_len)
+        ds = tf.data.Dataset.from_tensor_slices(stacked).repeat()
+        return train.DataSources(train=ds, eval=ds, token_class=packed_batches.token_class(VOCAB))
+
+    return data
+
+
+def run_train(workdir, batch_list, mesh, num_steps, **kwargs):
+    kwargs = dict(dict(log_every=2, checkpoint_every=2, eval_every=0), **kwargs)
+    return train.train(str(workdir), model=CFG, num_steps=num_steps, batch_size=8,
+                       mesh=partitioning.MeshConfig(**mesh), optimizer=OPT,
+                       data=synthetic_data(batch_list), peak_flops_per_device=1e9, **kwargs)
+
+
+def test_train_writes_metrics_config_and_checkpoints_then_resumes(tmp_path, batches, capsys):
+    summary = run_train(tmp_path, batches, dict(data=8), num_steps=4, eval_every=2, eval_steps=1)
+    assert np.isfinite(summary["loss"]) and summary["tokens/s"] > 0 and summary["mfu"] > 0
+    out = capsys.readouterr().out
+    assert "step 4/4 | loss" in out and "eval step 4" in out
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    assert os.listdir(tmp_path / "tensorboard")
+    assert "OptimizerConfig" in (tmp_path / "config.gin").read_text()
+
+    run_train(tmp_path, batches, dict(data=8), num_steps=6)
+    assert f"resumed from {tmp_path}/checkpoints/4" in capsys.readouterr().out
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in records if "eval/loss" in r] == [2, 4]
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path, batches, reference):
+    run_train(tmp_path, batches, dict(data=1, fsdp=4, tensor=2), num_steps=NUM_STEPS)
+    ckpt = checkpointing.Checkpoints(str(tmp_path), every=2, keep=3)
+    try:
+        for mesh in ("1 device", "data=8"):
+            steps = steps_on(mesh)
+            iterator = pipeline.DataIterator(synthetic_data(batches)(None, 8, SEQ, 0).train)
+            with partitioning.activate(steps.mesh):
+                state = ckpt.restore(2, steps.abstract_state, iterator)
+                assert int(state.step) == 2
+                for leaf, sharding in zip(jax.tree.leaves(state),
+                                          jax.tree.leaves(steps.state_shardings)):
+                    assert leaf.sharding == sharding
+                # the data position came back too: the next batch is the third one
+                batch = next(iterator)
+                np.testing.assert_array_equal(batch["decoder_target_tokens"],
+                                              batches[2]["decoder_target_tokens"])
+                _, got = steps.train(state, partitioning.shard_batch(batch, steps.mesh))
+            np.testing.assert_allclose(jax.device_get(got)["loss_sum"],
+                                       reference[1][2]["loss_sum"], rtol=2e-5)
+    finally:
+        ckpt.close()
+
+
+def test_non_finite_loss_stops_the_run_and_is_never_checkpointed(tmp_path, batches):
+    poisoned = [dict(b) for b in batches]
+    poisoned[2]["decoder_loss_weights"] = np.full_like(batches[2]["decoder_loss_weights"],
+                                                       np.nan)
+    with pytest.raises(train.TrainError, match=r"step 3: the loss is nan.*last checkpoint: "
+                                                r"step 2"):
+        run_train(tmp_path, poisoned, dict(data=8), num_steps=8, log_every=100)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_batch_size_must_fit_the_mesh(tmp_path, batches):
+    with pytest.raises(train.TrainError, match=r"train.batch_size=8 must be a multiple of 16"):
+        run_train(tmp_path, batches, dict(data=8), num_steps=2, accum_steps=2)
