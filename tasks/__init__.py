@@ -38,7 +38,7 @@ def task_name(source: str) -> str:
 @gin.configurable(denylist=["data_dir"])
 def register(data_dir: str, rates: Mapping[str, float] | None = None,
              bad_records: str = "error", tag_dropout: float = 0.0,
-             shuffle_buffer_size: int = 10_000) -> str:
+             shuffle_buffer_size: int = 1000) -> str:
     """Register the Tasks and Mixture of `data_dir`; returns the mixture name.
 
     Args:

@@ -12,6 +12,8 @@ classes never leaves the grammar and ends in a state where EOS is allowed. Bad r
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from prealign_jax import modes, tf_cpu, vocab as vocab_lib
@@ -113,14 +115,20 @@ def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
             tf.print("prealign data: skipped",
                      tf.strings.reduce_join(tf.boolean_mask(batch["message"], bad),
                                             separator="; skipped "),
-                     "| skipped so far:", skipped, output_stream="file://stderr")
+                     "| skipped so far:", skipped, output_stream=sys.stderr)
             return skipped
 
         logged = tf.cond(tf.reduce_any(bad), log, lambda: skipped)
         return logged, {"targets": batch["targets"], "keep": ~bad}
 
+    def kept(ex):
+        return ex["keep"]
+
+    def targets_only(ex):
+        return {"targets": ex["targets"]}
+
     return (ds.scan(tf.constant(0, tf.int64), count_and_log).unbatch()
-            .filter(lambda ex: ex["keep"]).map(lambda ex: {"targets": ex["targets"]}))
+            .filter(kept).map(targets_only))
 
 
 def tag_dropout(dataset, output_features, rate: float):
