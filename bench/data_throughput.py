@@ -4,7 +4,8 @@
 
 - generator_chars_per_s: synthetic generator alone (tagged characters per second);
 - packed_tokens_per_s: our pipeline, shards -> validation -> tokenize -> conditional-token
-  converter -> packed batches (non-padding tokens per second, median of --repeats windows);
+  converter -> packed batches (non-padding tokens per second, median of --repeats rounds
+  that alternate with the plain pipeline's);
 - plain_seqio_tokens_per_s: plain seqio over the same text and vocabulary, same run:
   TextLine -> tokenize -> LMFeatureConverter(pack=True);
 - demo_consumption_ratio: packed_tokens_per_s / the CPU demo's training tokens/s
@@ -16,6 +17,7 @@ Without --data_dir the CPU demo corpus (gin/data/cpu_demo.gin) is prepared in a 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -26,18 +28,32 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def rate(it, batches: int, repeats: int) -> float:
-    """Median non-padding tokens/s over `repeats` windows of `batches` batches."""
-    for _ in range(5):  # warm up: tracing, shuffle buffers, autotune
-        next(it)
-    rates = []
+def rates(pipelines: dict, batches: int, repeats: int, warmup: int) -> dict:
+    """Median non-padding tokens/s of each pipeline over `repeats` rounds.
+
+    Each round runs every pipeline alone: a fresh iterator, `warmup` batches (tracing,
+    shuffle buffers, autotuning), then `batches` timed batches, then the iterator is
+    dropped so its background threads stop. Rounds alternate, so load from other jobs on
+    the machine hits all pipelines alike.
+    """
+    measured = {name: [] for name in pipelines}
     for _ in range(repeats):
-        start, tokens = time.perf_counter(), 0
-        for _ in range(batches):
-            batch = next(it)
-            tokens += int((batch["decoder_segment_ids"] > 0).sum())
-        rates.append(tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for name, make in pipelines.items():
+            it = make()
+            for _ in range(warmup):
+                next(it)
+            start, tokens = time.perf_counter(), 0
+            for _ in range(batches):
+                tokens += int((next(it)["decoder_segment_ids"] > 0).sum())
+            measured[name].append(tokens / (time.perf_counter() - start))
+            del it
+            gc.collect()
+    return {name: statistics.median(r) for name, r in measured.items()}
+
+
+def numpy_batches(ds):
+    for batch in ds:
+        yield {k: v.numpy() for k, v in batch.items()}
 
 
 def plain_seqio_dataset(data_dir: str, text_dir: str, batch_size: int, length: int, seed: int):
@@ -76,8 +92,9 @@ def main(argv=None) -> None:
     parser.add_argument("--data_dir")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=100, help="batches per window")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=150, help="timed batches per round")
+    parser.add_argument("--warmup", type=int, default=40, help="untimed batches per round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (median reported)")
     parser.add_argument("--train_tokens_per_s", type=float, default=20000.0,
                         help="CPU demo training throughput (assumed default 20000 tok/s)")
     args = parser.parse_args(argv)
@@ -104,13 +121,12 @@ def main(argv=None) -> None:
             cli.parse_gin(["data/cpu_demo.gin"], [])
             data_dir = prepare.prepare(data_dir=os.path.join(tmp, "data"))
         mixture = tasks.register(data_dir)
-        ours = pipeline.DataIterator(pipeline.get_dataset(
-            mixture, "train", args.batch_size, args.length, seed=0))
-        packed = rate(ours, args.batches, args.repeats)
+        ours = pipeline.get_dataset(mixture, "train", args.batch_size, args.length, seed=0)
         plain_ds = plain_seqio_dataset(data_dir, tmp, args.batch_size, args.length, seed=0)
-        plain_it = iter(plain_ds)
-        plain = rate(({k: v.numpy() for k, v in next(plain_it).items()}
-                      for _ in iter(int, 1)), args.batches, args.repeats)
+        measured = rates({"ours": lambda: pipeline.DataIterator(ours),
+                          "plain": lambda: numpy_batches(plain_ds)},
+                         args.batches, args.repeats, args.warmup)
+        packed, plain = measured["ours"], measured["plain"]
     print(json.dumps({
         "generator_chars_per_s": round(generator_rate),
         "packed_tokens_per_s": round(packed),

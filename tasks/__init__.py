@@ -94,9 +94,10 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
         seqio.TaskRegistry.add(
             task_name(source),
             source=seqio.FileDataSource(
-                read_file_fn=functools.partial(preprocessors.read_record,
+                read_file_fn=functools.partial(preprocessors.read_records,
                                                skip_corrupt=bad_records == "skip"),
-                split_to_filepattern=splits, num_input_examples=counts),
+                split_to_filepattern=splits, block_length=1,
+                num_input_examples={k: -(-v // preprocessors.BLOCK) for k, v in counts.items()}),
             preprocessors=[
                 functools.partial(preprocessors.tokenize_and_validate,
                                   bad_records=bad_records),

@@ -25,27 +25,30 @@ BAD_RECORD_POLICIES = ("error", "skip")
 # Marks our in-graph failures so `pipeline.DataIterator` can turn them into a UserError.
 ERROR_MARKER = "prealign-data-error:"
 _REASONS = ("ok", "empty document", "invalid UTF-8", "malformed tags", "unclosed span")
-_VALIDATION_BATCH = 128
+BLOCK = 128  # records per source element
 
 
-def read_record(filename, skip_corrupt: bool):
-    """A shard file as records {serialized, shard, record}: the record index in its file.
-
-    Parsing is left to `tokenize_and_validate`, which does it a batch at a time.
+def read_records(filename, skip_corrupt: bool):
+    """A shard file as blocks of records {serialized[b], shard, record[b]} (`record` is the
+    index in the file). Blocks, not single records, keep tf.data's per-element overhead off
+    the hot path; `tokenize_and_validate` parses a block at a time and unbatches.
     """
     ds = tf.data.TFRecordDataset(filename)
     if skip_corrupt:
         ds = ds.ignore_errors(log_warning=True)
-    return ds.enumerate().map(lambda i, raw: {"serialized": raw, "shard": filename,
-                                              "record": i})
+
+    def block(index, serialized):
+        return {"serialized": serialized, "shard": filename, "record": index}
+
+    return ds.enumerate().batch(BLOCK).map(block)
 
 
 def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
                           policy: modes.Policy | str = modes.GRAMMAR):
     """Parse, tokenize into `targets` + EOS, and apply the bad-record policy.
 
-    Works a batch of records at a time (one op per batch, not per record). Output examples
-    hold only `targets` (int32 token ids ending in EOS).
+    Takes the record blocks of `read_records` (one op per block, not per record) and yields
+    single examples holding only `targets` (int32 token ids ending in EOS).
     """
     if bad_records not in BAD_RECORD_POLICIES:
         raise ValueError(f"bad_records={bad_records!r}; use one of {BAD_RECORD_POLICIES}")
@@ -96,7 +99,7 @@ def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
             tf.tile(eos, [tf.shape(text)[0], 1]))], axis=1)
         return {"targets": with_eos, "reason": reason, "message": message}
 
-    ds = dataset.batch(_VALIDATION_BATCH).map(check, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
     if bad_records == "error":
         def stop(batch):
             bad = batch["reason"] != 0
