@@ -16,6 +16,9 @@ import os
 import sys
 from typing import NamedTuple
 
+import gin
+
+from prealign_jax import modes, policy_config
 from prealign_jax.errors import UserError
 
 
@@ -26,6 +29,7 @@ class Command(NamedTuple):
     target: str
     help: str
     flags: tuple = ()
+    run_config: bool = False  # parse <workdir>/config.gin (a trained run's) before the user's
 
 
 COMMANDS = {
@@ -44,6 +48,26 @@ COMMANDS = {
                                    help="stop at a bad input record, or skip and log it")))),
     "train": Command("prealign_jax.train:command",
                      "train (or resume) a model: checkpoints, metrics and config in --workdir"),
+    "sample": Command(
+        "prealign_jax.inference:command",
+        "sample from a trained run under a policy (the transition mask)",
+        ((("--policy",), dict(default="assistant", help="policy name (built-in or defined "
+                                                        "in gin with policies.extra)")),
+         (("--mode",), dict(default=None, choices=("human", "ai"),
+                            help="open this span after the prompt (as a chat template does)")),
+         (("--prompt",), dict(default="", help="user text (escaped: it cannot inject tags)")),
+         (("--raw_prompt",), dict(action="store_true", help="--prompt is tagged text, "
+                                  "validated against the policy")),
+         (("--num_samples",), dict(type=int, default=4)),
+         (("--max_new_tokens",), dict(type=int, default=128)),
+         (("--temperature",), dict(type=float, default=0.7)),
+         (("--top_k",), dict(type=int, default=0)),
+         (("--top_p",), dict(type=float, default=0.9)),
+         (("--seed",), dict(type=int, default=0)),
+         (("--no_mask",), dict(action="store_true", help="switch the transition mask off "
+                               "(to measure the unconstrained model)")),
+         (("--output",), dict(default=None, help="write samples as JSON lines here"))),
+        run_config=True),
 }
 
 GIN_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -71,8 +95,6 @@ def split_gin_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def parse_gin(files: list[str], bindings: list[str], search_paths=(GIN_SEARCH_PATH,)) -> None:
     """Parse gin files and bindings, turning gin's errors into a one-line UsageError."""
-    import gin
-
     for path in search_paths:
         gin.add_config_file_search_path(path)
     resolved = []
@@ -110,12 +132,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def show_policies(args) -> None:
-    from prealign_jax import modes
-
     print("mode grammar: states", ", ".join(modes.MODES), "| classes",
           ", ".join(modes.CLASSES))
-    for name in sorted(modes.POLICIES):
-        print(modes.get_policy(name).compile().describe())
+    for policy in policy_config.policies().values():
+        print(policy.compile().describe())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +161,14 @@ def main(argv: list[str]) -> int:
             return 2
         module, fn = COMMANDS[args.command].target.split(":")
         target = getattr(importlib.import_module(module), fn)  # registers its configurables
-        parse_gin(args.gin_file, bindings)
+        files = args.gin_file
+        if COMMANDS[args.command].run_config and args.workdir:
+            run_config = os.path.join(args.workdir, "config.gin")
+            if not os.path.isfile(run_config):
+                raise UsageError(f"--workdir={args.workdir}: no config.gin; is it a run "
+                                 "directory written by prealign train?")
+            files = [run_config] + files
+        parse_gin(files, bindings)
         target(args)
     except UserError as e:  # one line (gin appends "In call to configurable ..." lines)
         print(f"prealign: error: {_first_line(e)}", file=sys.stderr)
