@@ -13,6 +13,7 @@ packs, so step n is only reachable by replaying the steps before it.
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import gin
@@ -105,9 +106,9 @@ class DataIterator:
 def _data_error(e: Exception) -> Exception:
     message = str(getattr(e, "message", e))
     if preprocessors.ERROR_MARKER in message:
-        detail = message.split(preprocessors.ERROR_MARKER, 1)[1]
-        return DataError(" ".join(detail.split("\n", 1)[0].replace("]", " ").split())
-                         .strip(" ,"))
+        detail = message.split(preprocessors.ERROR_MARKER, 1)[1].split("\n", 1)[0]
+        detail = re.sub(r"[\[\]]", "", detail).replace("\\'", "'")
+        return DataError(" ".join(detail.split()))
     if isinstance(e, tf.errors.DataLossError):
         return DataError(f"corrupt shard: {message.splitlines()[0]}; rerun `prealign "
                          "prepare` or set register.bad_records='skip'")

@@ -20,6 +20,7 @@ from prealign_jax import modes, tf_cpu, vocab as vocab_lib
 from prealign_jax.data import fsm_tf
 
 tf = tf_cpu.import_tf()
+import seqio  # noqa: E402  (after tf_cpu)
 
 BAD_RECORD_POLICIES = ("error", "skip")
 # Marks our in-graph failures so `pipeline.DataIterator` can turn them into a UserError.
@@ -105,8 +106,8 @@ def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
             bad = batch["reason"] != 0
             first = tf.gather(batch["message"], tf.argmax(tf.cast(bad, tf.int32)))
             with tf.control_dependencies([tf.debugging.Assert(
-                    ~tf.reduce_any(bad), [ERROR_MARKER, first, "(set bad_records='skip' "
-                                          "to drop such records)"])]):
+                    ~tf.reduce_any(bad), [ERROR_MARKER, first, "(bind tasks.register."
+                                          "bad_records='skip' to drop and log such records)"])]):
                 return {"targets": tf.identity(batch["targets"])}
         return ds.map(stop).unbatch()
 
@@ -122,16 +123,9 @@ def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
             return skipped
 
         logged = tf.cond(tf.reduce_any(bad), log, lambda: skipped)
-        return logged, {"targets": batch["targets"], "keep": ~bad}
+        return logged, {"targets": tf.ragged.boolean_mask(batch["targets"], ~bad)}
 
-    def kept(ex):
-        return ex["keep"]
-
-    def targets_only(ex):
-        return {"targets": ex["targets"]}
-
-    return (ds.scan(tf.constant(0, tf.int64), count_and_log).unbatch()
-            .filter(kept).map(targets_only))
+    return ds.scan(tf.constant(0, tf.int64), count_and_log).unbatch()
 
 
 def tag_dropout(dataset, output_features, rate: float):
@@ -145,8 +139,6 @@ def tag_dropout(dataset, output_features, rate: float):
     token_class = tf.constant(vocab_lib.token_classes(output_features["targets"].vocabulary))
     is_tag = tf.constant(np.isin(np.arange(modes.NUM_CLASSES),
                                  list(modes.TAG_CLASS.values())))
-
-    import seqio
 
     @seqio.map_over_dataset(num_seeds=1)
     def drop(ex, seed):

@@ -42,18 +42,6 @@ def to_example(doc: Document) -> bytes:
         "span_labels": i(doc.span_labels)})).SerializeToString()
 
 
-def feature_spec():
-    """The parsing spec of `to_example` (for `tf.io.parse_single_example`)."""
-    tf = tf_cpu.import_tf()
-    return {
-        "text": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "source": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "doc_id": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "pair_id": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-        "span_labels": tf.io.VarLenFeature(tf.int64),
-    }
-
-
 def from_example(serialized: bytes) -> Document:
     """Inverse of `to_example`, in Python (tools and tests; the pipeline parses in TF)."""
     tf = tf_cpu.import_tf()
