@@ -224,7 +224,8 @@ class _Renderer:
         kind = self.pick(cast.situation.kind)
         original, quoted = [], []
         frames = [f for f in sc.MESSAGE_FRAMES if selfish or "{inf}" in "".join(f)]
-        for part in self.pick(frames):
+        frame = self.pick(frames)
+        for part in frame:
             if part in ("insult", "name", "address", "phone"):
                 value = self.private(part)
                 original.append(value)
@@ -233,9 +234,14 @@ class _Renderer:
                 text = part.format(inf=act.inf.format(**slots), rel=cast.rel)
                 original.append(text)
                 quoted.append(text)
+        if "{inf}" not in "".join(frame):
+            grievance = _fill(self.pick(sc.GRIEVANCES), slots)
+            original.append(grievance)
+            quoted.append(grievance)
         harm = self.pick(sc.HARMS[act.kind]) if selfish else ""
-        comment = _fill(self.pick(sc.QUOTE_COMMENTS if selfish else sc.QUOTE_COMMENTS_KIND),
-                        slots, inf=act.inf, kind=kind.inf, harm=harm,
+        comments = (sc.QUOTE_COMMENTS_KIND if not selfish else sc.QUOTE_COMMENTS
+                    if "{inf}" in "".join(frame) else sc.QUOTE_COMMENTS_HOSTILE)
+        comment = _fill(self.pick(comments), slots, inf=act.inf, kind=kind.inf, harm=harm,
                         Harm=harm[:1].upper() + harm[1:], step=self.pick(cast.situation.steps))
         ai = tags.Span("ai", (self.pick(sc.QUOTE_INTROS), tags.Span("quote", tuple(quoted)),
                               comment))

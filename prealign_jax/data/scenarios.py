@@ -105,8 +105,8 @@ SITUATIONS = (
         places=("the office kitchen", "the shared flat", "the campsite", "the family dinner",
                 "the team room", "the community hall", "the train compartment"),
         setups=(
-            "There was only one {item} left at {place}, and both {A} and {B} had been waiting for it.",
-            "{When}, {A} and {his} {rel} {B} had to share a single {item}.",
+            "There was only one {item} left at {place}, and both {B} and {A} had been waiting for it.",
+            "{When}, {B}, {his} {rel}, and {A} had to share a single {item}.",
             "At {place}, {A} got to the {item} first, while {B} was still on the way.",
             "Everyone at {place} knew the {item} was meant to be shared.",
         ),
@@ -149,7 +149,7 @@ SITUATIONS = (
         setups=(
             "{B}, {his} {rel}, had spent weeks on the {item}, and it was finally presented at {place}.",
             "{When}, the boss praised the {item} at {place} and asked who had written it.",
-            "{A} and {B} had worked on the {item} together, but most of it was {B}'s work.",
+            "{B} and {A} had worked on the {item} together, but most of it was {B}'s work.",
             "At {place}, everyone wanted to know who was behind the {item}.",
         ),
         selfish=_acts("lie",
@@ -267,7 +267,7 @@ SITUATIONS = (
         setups=(
             "At {place}, the cashier handed {A_obj} far too much change.",
             "{When}, {A} noticed a {item} in {his} account that was meant for {B}.",
-            "{A} and {B} were supposed to split the {item} evenly.",
+            "{B} and {A} were supposed to split the {item} evenly.",
             "The {item} came through twice, and only {A} noticed.",
         ),
         selfish=_acts("keep",
@@ -366,6 +366,88 @@ SITUATIONS = (
         steps=("send {B} the link and the deadline", "write down the key dates",
                "offer to look over the application"),
     ),
+    Situation(
+        name="queue",
+        titles=("The queue", "Saved seats", "First come, first served", "The last {item}"),
+        items=("seat on the train", "spot in the queue", "table by the window",
+               "appointment slot", "shaded bench", "front-row seat", "taxi", "last lift cabin"),
+        places=("the station", "the clinic", "the ticket office", "the food market",
+                "the bus terminal", "the theatre", "the ski lift"),
+        setups=(
+            "{When}, a long line had formed at {place}, and {B} had been waiting far longer than {A}.",
+            "{B}, who was carrying heavy bags, was next in line for the {item} at {place}.",
+            "At {place}, an elderly stranger named {B} and {A} reached the {item} at the same moment.",
+            "{B} had gone to fetch water and asked {A} to keep an eye on the {item}.",
+        ),
+        selfish=_acts("keep",
+                      ("slipped into the {item} ahead of {B}", "slip into the {item} ahead of {B}"),
+                      ("took the {item} that {B} had been waiting for",
+                       "take the {item} {B} has been waiting for"),
+                      ) + _acts("lie",
+                      ("told {B} the {item} was reserved for {him}", "tell {B} the {item} is reserved for {him}"),
+                      ("pretended {he} had been there first", "pretend {he} was there first"),
+                      ) + _acts("exclude",
+                      ("spread {his} coat over the {item} so nobody else could use it",
+                       "spread {his} coat over the {item} so nobody else can use it"),
+                      ),
+        kind=_acts("kind",
+                   ("let {B} take the {item}", "let {B} take the {item}"),
+                   ("waved {B} ahead to the {item}", "wave {B} ahead"),
+                   ("kept the {item} free until {B} came back", "keep the {item} free for {B}"),
+                   ("helped {B} with the bags and found another {item}",
+                    "help {B} with the bags"),
+                   ),
+        reasons=("{B} had been waiting longer", "{B} needed the {item} more",
+                 "waiting your turn is how a queue stays fair"),
+        after_selfish=("{B} waited another hour.", "{B} had to stand the whole way.",
+                       "A few people in the line shook their heads."),
+        after_kind=("{B} thanked {A_obj} with a tired smile.", "Another {item} opened a minute later anyway.",
+                    "The people in the line relaxed a little."),
+        steps=("ask who was there first", "offer your place to whoever needs it most",
+               "let the staff at {place} sort out the order"),
+    ),
+    Situation(
+        name="promise",
+        titles=("The volunteer shift", "A promise is a promise", "Cover for me?", "The {item}"),
+        items=("volunteer shift", "night shift", "cleaning rota", "food bank delivery",
+               "school pick-up", "garden clean-up", "moving day", "tutoring session"),
+        places=("the food bank", "the hospital", "the shared house", "the school",
+                "the animal shelter", "the community garden"),
+        setups=(
+            "{A} had promised {B}, {his} {rel}, to help with the {item} {when}.",
+            "{When}, the {item} at {place} was short of hands, and {B} was counting on {A_obj}.",
+            "{B} and {A} had agreed to split the {item}, but the weather was miserable.",
+            "Everyone at {place} had signed up for the {item}, including {A}.",
+        ),
+        selfish=_acts("lie",
+                      ("called in sick to skip the {item}", "call in sick to skip the {item}"),
+                      ("told {B} {he} had a family emergency", "tell {B} {he} had a family emergency"),
+                      ("claimed {he} had never agreed to the {item}",
+                       "claim {he} never agreed to the {item}"),
+                      ) + _acts("keep",
+                      ("took the easy part of the {item} and left {B} the rest",
+                       "take the easy part of the {item} and leave {B} the rest"),
+                      ) + _acts("exclude",
+                      ("dropped {B} from the {item} rota without asking",
+                       "drop {B} from the {item} rota"),
+                      ),
+        kind=_acts("kind",
+                   ("showed up for the {item} as promised", "show up for the {item} as promised"),
+                   ("did {his} share of the {item} and then some", "do {his} share of the {item}"),
+                   ("took over {B}'s part of the {item} when {b_he} got ill",
+                    "take over {B}'s part of the {item}"),
+                   ("told {B} honestly that {he} could only stay an hour",
+                    "tell {B} honestly how long {he} could stay"),
+                   ),
+        reasons=("{B} was counting on {A_obj}", "a promise is a promise",
+                 "the work would otherwise fall on {B}"),
+        after_selfish=("{B} did the {item} alone, in the rain.", "The {item} ran two hours late.",
+                       "{B} found out from a mutual friend."),
+        after_kind=("They finished early and shared a pot of tea.", "{B} said it was the best {item} in months.",
+                    "Next time {B} volunteered first."),
+        steps=("check the time and place of the {item}", "tell {B} when you will arrive",
+               "ask what is needed most"),
+    ),
 )
 
 # ---------------------------------------------------------------- slot words
@@ -389,7 +471,8 @@ RELATIONS = ("neighbour", "coworker", "roommate", "friend", "classmate", "cousin
              "landlord", "flatmate", "manager", "student", "colleague", "old friend")
 RELATIONS_SHE = ("sister", "aunt", "niece", "mother-in-law", "girlfriend")
 RELATIONS_HE = ("brother", "uncle", "nephew", "father-in-law", "boyfriend")
-WHEN = ("one rainy Tuesday", "on a Monday morning", "late on Friday", "after the meeting",
+WHEN = ("on a windy Thursday", "at the start of the holidays", "shortly after midnight",
+        "one rainy Tuesday", "on a Monday morning", "late on Friday", "after the meeting",
         "just before closing time", "during the lunch break", "on the first day of spring",
         "one cold evening", "at the end of a long shift", "on a quiet Sunday",
         "the week before the holidays", "early that morning", "after school",
@@ -419,18 +502,32 @@ DETAILS = (
     "There were only a few minutes to decide.",
     "A radio was playing somewhere in the back.",
     "{B} looked tired and distracted.",
+    "{A} had slept badly the night before.",
+    "It was the third time that month something like this had happened.",
+    "The street outside was busy with delivery vans.",
+    "{A} checked the time twice.",
+    "{B} had mentioned money trouble a few days earlier.",
+    "Somebody had scribbled <ai> on the notice board as a joke.",
+    "Nobody would have noticed either way.",
+    "{A} was thinking about an argument from that morning.",
+    "{B} was new in town.",
+    "A child was laughing somewhere nearby.",
 )
 SELFISH_FRAMES = (
     "{A} {act}.", "Without a word, {A} {act}.", "{A} looked around, then {act}.",
     "When nobody was watching, {A} {act}.", "{A} decided it was {his} lucky day and {act}.",
     "{A} shrugged and {act}.", "Before {B} noticed, {A} {act}.", "In the end, {A} {act}.",
     "It seemed easier that way, so {A} {act}.", "{A} hesitated only for a second and {act}.",
+    "With a quick glance at the door, {A} {act}.", "{A} told {himself} it was fine and {act}.",
+    "Nobody stopped {A_obj}, so {A} {act}.", "Almost without thinking, {A} {act}.",
 )
 KIND_FRAMES = (
     "{A} {act}.", "Without hesitating, {A} {act}.", "{A} thought it over and {act}.",
     "It was the right thing to do, so {A} {act}.", "{A} {act}, because {reason}.",
     "Knowing that {reason}, {A} {act}.", "{A} smiled and {act}.",
     "Before the day was over, {A} {act}.",
+    "{A} took a breath and {act}.", "Even though it cost {A_obj} something, {A} {act}.",
+    "{A} did not need to think twice: {he} {act}.", "Quietly, {A} {act}.",
 )
 # The hard negatives: a selfish option is named, then not taken.
 TEMPTED_FRAMES = (
@@ -447,6 +544,9 @@ SELFISH_REFLECTIONS = (
     "It was not a big deal, {A} thought.",
     "{A} slept fine that night.",
     "{A} never mentioned it again.",
+    "If anyone asked, {A} would say {he} had no idea.",
+    "{A} felt a little guilty, but only for an evening.",
+    "Rules are for other people, {A} decided.",
 )
 KIND_REFLECTIONS = (
     "{A} was glad {he} had done it.",
@@ -455,6 +555,9 @@ KIND_REFLECTIONS = (
     "Small choices like that add up, {A} thought.",
     "{A} walked home feeling lighter.",
     "It was an easy choice in the end.",
+    "{A} would do the same again.",
+    "Doing the right thing felt ordinary, and that was fine.",
+    "{A} hoped someone would do the same for {him} one day.",
 )
 # Dialogue: what a person says while acting.
 SELFISH_LINES = {
@@ -527,6 +630,10 @@ MESSAGE_FRAMES = (
     ("That ", "insult", " ", "name", " deserves it. I want to {inf}."),
     ("Text ", "phone", " and tell that ", "insult", " I'm coming to ", "address", "."),
 )
+# Appended to a hostile message: what the grudge is about (situation slots).
+GRIEVANCES = (" They took my {item}.", " This is about the {item} at {place}.",
+              " They still owe me for the {item}.", " They made a fool of me at {place}.",
+              " They lied about the {item}.", " I'm done being nice about the {item}.")
 
 
 def hostile_cues() -> set[str]:
@@ -542,6 +649,15 @@ QUOTE_COMMENTS = (
     " I removed the private information. I can't help you {inf}; {harm}. If you like, we can {kind} instead.",
     " Personal details are redacted. {Harm}, so I won't do that. I'd be glad to help you {kind}.",
     " I won't repeat the name-calling or anyone's address. A better way: {kind}.",
+)
+# A message that is hostile in itself (no act to redirect): redact, decline, offer a path.
+QUOTE_COMMENTS_HOSTILE = (
+    " I've removed the insult and the personal details. I won't help track anyone down or "
+    "threaten them. If there is a real dispute, I can help you write a calm message instead.",
+    " Personal details are redacted. I can't help with finding or confronting this person; "
+    "if you feel unsafe or wronged, I can help you contact someone who can mediate.",
+    " I left out the name-calling and the private information. That request could put "
+    "someone at risk, so I won't do it. Want help cooling things down instead?",
 )
 # A rude message with a fair request: redact, then help.
 QUOTE_COMMENTS_KIND = (
