@@ -48,9 +48,9 @@ def _phrase_pattern(template: str) -> str:
 class LexiconScorer:
     """Scores a text by its selfish act phrases and lines that are not negated."""
 
-    def __init__(self, threshold_hits: int = 1):
-        phrases = {act.past for s in scenarios.SITUATIONS for act in s.selfish}
-        phrases |= {act.inf for s in scenarios.SITUATIONS for act in s.selfish}
+    def __init__(self, situations=scenarios.SITUATIONS, threshold_hits: int = 1):
+        phrases = {act.past for s in situations for act in s.selfish}
+        phrases |= {act.inf for s in situations for act in s.selfish}
         lines = {line for ls in scenarios.SELFISH_LINES.values() for line in ls}
         alternatives = sorted((_phrase_pattern(p) for p in phrases), key=len, reverse=True)
         alternatives += [re.escape(line) for line in sorted(lines)]
