@@ -109,8 +109,10 @@ def parse_gin(files: list[str], bindings: list[str], search_paths=(GIN_SEARCH_PA
     # an ERROR for each miss, although the file is then found in gin/: drop those lines.
     probes = _DropGinPathProbes()
     logging.getLogger().addFilter(probes)
+    gin.clear_config()  # each invocation starts from its own files and bindings
     try:
-        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+        # finalize: a `%gin.REQUIRED` binding nobody overrode is an error here
+        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=True)
     except (ValueError, KeyError, NameError, SyntaxError) as e:
         raise UsageError(f"gin configuration ({', '.join(files + bindings) or 'empty'}): "
                          f"{_first_line(e)}") from None
@@ -172,6 +174,12 @@ def main(argv: list[str]) -> int:
         target(args)
     except UserError as e:  # one line (gin appends "In call to configurable ..." lines)
         print(f"prealign: error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a gin.REQUIRED parameter left unbound
+        if not str(e).startswith("Required bindings"):
+            raise
+        print(f"prealign: error: {_first_line(e)}; bind them in a gin file or with "
+              "--gin.NAME=VALUE", file=sys.stderr)
         return 2
     return 0
 
