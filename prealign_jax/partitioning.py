@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from prealign_jax.errors import UserError
 
@@ -83,10 +83,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules=LOGICAL_RULES):
+def activate(mesh: Mesh | AbstractMesh, rules=LOGICAL_RULES):
     """Context for tracing/running the model on `mesh`: sets the mesh (`jax.set_mesh`) and
-    the logical-axis rules, so the model's activation constraints take effect."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    the logical-axis rules, so the model's activation constraints take effect. An
+    AbstractMesh (axis sizes, no devices: `prealign plan`) supports tracing only."""
+    if isinstance(mesh, AbstractMesh):
+        setter = jax.sharding.use_abstract_mesh
+    else:
+        setter = jax.set_mesh
+    with setter(mesh), nn.logical_axis_rules(rules):
         yield
 
 
