@@ -378,12 +378,19 @@ def train(workdir: str, *,
           checkpoint_every: int = 1000,
           keep_checkpoints: int = 3,
           peak_flops_per_device: float | None = None,
-          num_cpu_devices: int | None = None) -> dict[str, float]:
+          num_cpu_devices: int | None = None,
+          distributed: dict | None = None) -> dict[str, float]:
     """Train (or resume from the latest checkpoint in `workdir/checkpoints`) to `num_steps`.
 
     Returns the metrics of the last log window. See gin/runs/*.gin for every parameter.
+    `distributed`: None for one process; else one process per host, and the keyword
+    arguments of `jax.distributed.initialize` ({} auto-detects Cloud TPU, SLURM, Open
+    MPI, Kubernetes; elsewhere give coordinator_address, num_processes, process_id; on CPU
+    also set JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo).
     """
     _use_cpu_devices(num_cpu_devices)
+    if distributed is not None:
+        jax.distributed.initialize(**distributed)
     seq_len = seq_len or model.max_len
     if seq_len > model.max_len:
         raise TrainError(f"train.seq_len={seq_len} exceeds ModelConfig.max_len="
@@ -408,13 +415,19 @@ def train(workdir: str, *,
             f.write(gin.operative_config_str())
     peak = job_peak_flops(peak_flops_per_device)
     flops_per_step = model_lib.flops_per_token(model, seq_len) * batch_size * seq_len
-    print(f"model: {model_lib.num_params(model):,} parameters | mesh {dict(device_mesh.shape)}"
-          f" | batch {batch_size} x {seq_len} | peak {peak / 1e9:,.1f} GFLOP/s", flush=True)
+    _say(f"model: {model_lib.num_params(model):,} parameters | mesh {dict(device_mesh.shape)}"
+         f" | batch {batch_size} x {seq_len} | peak {peak / 1e9:,.1f} GFLOP/s")
     return _loop(workdir, steps, sources, num_steps=num_steps,
                  tokens_per_step=batch_size * seq_len, flops_per_step=flops_per_step,
                  peak=peak, log_every=log_every, eval_every=eval_every,
                  eval_steps=eval_steps, checkpoint_every=checkpoint_every,
                  keep_checkpoints=keep_checkpoints, seed=seed)
+
+
+def _say(line: str) -> None:
+    """A console line, from process 0 only."""
+    if jax.process_index() == 0:
+        print(line, flush=True)
 
 
 def _use_cpu_devices(n: int | None) -> None:
@@ -449,12 +462,12 @@ def _loop(workdir: str, steps: Steps, sources: DataSources, *, num_steps: int,
     with partitioning.activate(steps.mesh):
         if start:
             state = ckpt.restore(start, steps.abstract_state, iterator)
-            print(f"resumed from {ckpt.directory}/{start}", flush=True)
+            _say(f"resumed from {ckpt.directory}/{start}")
         else:
             state = steps.init(jax.random.key(seed))
         if start >= num_steps:
-            print(f"{ckpt.directory}/{start} is at or past train.num_steps={num_steps}; "
-                  "nothing to train", flush=True)
+            _say(f"{ckpt.directory}/{start} is at or past train.num_steps={num_steps}; "
+                 "nothing to train")
         writer = MetricWriter(workdir, start)
         pending: list[tuple[int, dict]] = []  # per-step metrics not fetched yet
         summary: dict[str, float] = {}
@@ -496,8 +509,8 @@ def _loop(workdir: str, steps: Steps, sources: DataSources, *, num_steps: int,
                     ckpt.save(step, state, iterator, force=last)
                     window_start = time.perf_counter()  # ... and the blocking part of saves
                 if preempted:
-                    print(f"preempted: saved step {step} to {ckpt.directory}; rerun the "
-                          "same command to resume", flush=True)
+                    _say(f"preempted: saved step {step} to {ckpt.directory}; rerun the "
+                         "same command to resume")
                     break
         finally:
             ckpt.close()
