@@ -267,3 +267,22 @@ def test_each_process_reads_its_own_files(toy_dir, spm_vocab):
         seen.append(texts)
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(docs)
+
+
+def test_split_without_documents_is_a_user_error(tmp_path, spm_vocab):
+    import shutil
+
+    from prealign_jax.data import records
+    from prealign_jax.errors import UserError
+
+    data_dir = str(tmp_path / "train_only")
+    os.makedirs(data_dir)
+    shutil.copy(spm_vocab.sentencepiece_model_file, os.path.join(data_dir, "vocab.model"))
+    with shards.ShardWriter(data_dir, {"train": 1, "validation": 1}) as w:
+        w.write(records.Document("<human>a</human>", "ingested", "a"), "train")
+        w.write(records.Document("<human>b</human>", "synthetic_human", "b"), "validation")
+        w.write(records.Document("<human>c</human>", "synthetic_human", "c"), "train")
+        shards.write_manifest(data_dir, {"config_hash": "train-only", **w.close()})
+    with pytest.raises(UserError, match="split 'validation' has no documents of "
+                                        "prealign_ingested"):
+        pipeline.get_dataset("prealign", "validation", 1, 32, seed=0, data_dir=data_dir)

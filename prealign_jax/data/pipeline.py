@@ -65,6 +65,12 @@ def get_dataset(mixture_or_task: str, split: str, batch_size: int, length: int, 
     except ValueError:
         raise UserError(f"no seqio task or mixture {mixture_or_task!r} is registered; pass "
                         "data_dir= (or call tasks.register(data_dir)) first") from None
+    tasks_of = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    missing = [t.name for t in tasks_of if split not in t.splits]
+    if missing:
+        raise UserError(f"split {split!r} has no documents of {', '.join(missing)}; raise "
+                        "prepare.validation_fraction (or set that source's rate to 0 in "
+                        "tasks.register.rates) and rerun `prealign prepare`")
     vocab = next(iter(provider.output_features.values())).vocabulary
     feature_converter = converter_lib.ConditionalLMFeatureConverter(
         vocab_lib.token_classes(vocab), mode_weights=mode_weights, tag_weight=tag_weight)
