@@ -98,18 +98,18 @@ def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
             tf.gather(reasons, reason), tf.where(detail == "", "", ": "), detail])
         with_eos = tf.concat([tokens, tf.RaggedTensor.from_tensor(
             tf.tile(eos, [tf.shape(text)[0], 1]))], axis=1)
+        if bad_records == "error":
+            bad = reason != 0
+            first = tf.gather(message, tf.argmax(tf.cast(bad, tf.int32)))
+            with tf.control_dependencies([tf.debugging.Assert(
+                    ~tf.reduce_any(bad), [ERROR_MARKER, first, "(bind tasks.register."
+                                          "bad_records='skip' to drop and log such records)"])]):
+                return {"targets": tf.identity(with_eos)}
         return {"targets": with_eos, "reason": reason, "message": message}
 
     ds = dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
     if bad_records == "error":
-        def stop(batch):
-            bad = batch["reason"] != 0
-            first = tf.gather(batch["message"], tf.argmax(tf.cast(bad, tf.int32)))
-            with tf.control_dependencies([tf.debugging.Assert(
-                    ~tf.reduce_any(bad), [ERROR_MARKER, first, "(bind tasks.register."
-                                          "bad_records='skip' to drop and log such records)"])]):
-                return {"targets": tf.identity(batch["targets"])}
-        return ds.map(stop).unbatch()
+        return ds.unbatch()
 
     def count_and_log(skipped, batch):
         bad = batch["reason"] != 0
