@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 import packed_batches
-from prealign_jax import checkpointing, modes, partitioning
+from prealign_jax import checkpointing, modes, multihost, partitioning
 from prealign_jax import model as model_lib
 from prealign_jax import train
-from prealign_jax.data import pipeline
 
 VOCAB = 300
 SEQ = 32
@@ -159,12 +158,15 @@ def synthetic_data(batch_list):
     from prealign_jax import tf_cpu
 
     tf = tf_cpu.import_tf()
+    import seqio
 
     def data(workdir, batch_size, seq_len, seed):
         stacked = {k: np.stack([b[k] for b in batch_list]) for k in train.FEATURES}
         assert stacked["decoder_target_tokens"].shape[1:] == (batch_size, seq_len)
         ds = tf.data.Dataset.from_tensor_slices(stacked).repeat()
-        return train.DataSources(train=ds, eval=ds, token_class=packed_batches.token_class(VOCAB))
+        shards = {seqio.ShardInfo(0, 1): ds}
+        return train.DataSources(train=shards, eval=shards,
+                                 token_class=packed_batches.token_class(VOCAB))
 
     return data
 
@@ -198,7 +200,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, batches, reference):
     try:
         for mesh in ("1 device", "data=8"):
             steps = steps_on(mesh)
-            iterator = pipeline.DataIterator(synthetic_data(batches)(None, 8, SEQ, 0).train)
+            iterator = multihost.ShardedIterator(synthetic_data(batches)(None, 8, SEQ, 0).train)
             with partitioning.activate(steps.mesh):
                 state = ckpt.restore(2, steps.abstract_state, iterator)
                 assert int(state.step) == 2
@@ -229,3 +231,43 @@ def test_non_finite_loss_stops_the_run_and_is_never_checkpointed(tmp_path, batch
 def test_batch_size_must_fit_the_mesh(tmp_path, batches):
     with pytest.raises(train.TrainError, match=r"train.batch_size=8 must be a multiple of 16"):
         run_train(tmp_path, batches, dict(data=8), num_steps=2, accum_steps=2)
+
+
+# ---------------------------------------------------------------- gin files
+@pytest.fixture
+def clean_gin():
+    import gin
+
+    yield
+    gin.clear_config()
+
+
+def _gin_model_config():
+    import dataclasses
+
+    import gin
+
+    return model_lib.ModelConfig(**{f.name: gin.query_parameter(f"ModelConfig.{f.name}")
+                                    for f in dataclasses.fields(model_lib.ModelConfig)})
+
+
+@pytest.mark.parametrize("model, params", [
+    ("tiny", 1.57e6), ("small", 20.5e6), ("125m", 162e6), ("1b", 0.886e9), ("8b", 8.03e9)])
+def test_every_model_file_composes_with_the_pretrain_run(model, params, clean_gin):
+    from prealign_jax import main
+
+    main.parse_gin(["runs/pretrain.gin", f"models/{model}.gin", "meshes/fsdp.gin"],
+                   ["seqio_data.data_dir='/data'", "train.peak_flops_per_device=989e12"])
+    assert model_lib.num_params(_gin_model_config()) == pytest.approx(params, rel=0.01)
+
+
+@pytest.mark.parametrize("mesh", ["cpu_1", "cpu_data8", "cpu_fsdp8", "cpu_2x2x2"])
+def test_cpu_demo_run_composes_with_every_cpu_mesh(mesh, clean_gin):
+    import gin
+
+    from prealign_jax import main
+
+    main.parse_gin(["runs/cpu_demo.gin", f"meshes/{mesh}.gin"], [])
+    assert _gin_model_config().d_model == 128
+    sizes = [gin.query_parameter(f"MeshConfig.{a}") for a in partitioning.MESH_AXES]
+    assert np.prod(sizes) == gin.query_parameter("train.num_cpu_devices")
