@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prealign_jax.errors import UserError
 
@@ -170,12 +171,23 @@ class RMSNorm(nn.Module):
         return (x32 * scale.astype(jnp.float32)).astype(jnp.dtype(self.cfg.dtype))
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding (rotate-half form) of x[B, T, heads, hd] at positions[B, T]."""
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, max_len: int):
+    """(sin, cos) of the rotary angles at `positions` (< max_len), float32 [B, T, 1,
+    head_dim/2], looked up in a constant table: computed from positions, XLA fuses the
+    sin/cos into every layer's rotation and evaluates them once per head there, which on
+    CPU costs more than the rotation itself. Out-of-range positions give NaN."""
+    half = head_dim // 2
+    inv_freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+    angles = np.arange(max_len, dtype=np.float64)[:, None] * inv_freq
+    lookup = functools.partial(jnp.take, indices=positions[:, :, None], axis=0, mode="fill",
+                               fill_value=np.nan)
+    return (lookup(jnp.asarray(np.sin(angles), jnp.float32)),
+            lookup(jnp.asarray(np.cos(angles), jnp.float32)))
+
+
+def rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotary embedding (rotate-half form) of x[B, T, heads, head_dim]."""
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B,T,1,half]
-    sin, cos = jnp.sin(angles), jnp.cos(angles)
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -315,7 +327,7 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, rotary):
         cfg = self.cfg
         d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
         wq = _param(self, "query", _dense_init(0, (1, 2)), (d, h, hd),
@@ -327,8 +339,8 @@ class Attention(nn.Module):
         wo = _param(self, "out", _dense_init((0, 1), 2), (h, hd, d),
                     ("heads", "kv", "embed"), cfg)
 
-        q = rope(dense(x, wq), positions, cfg.rope_theta)
-        k = rope(dense(x, wk), positions, cfg.rope_theta)
+        q = rope(dense(x, wq), *rotary)
+        k = rope(dense(x, wk), *rotary)
         q = nn.with_logical_constraint(q, ACT_HEADS)
         k = nn.with_logical_constraint(k, ACT_KV_HEADS)
         v = nn.with_logical_constraint(dense(x, wv), ACT_KV_HEADS)
@@ -385,9 +397,9 @@ class DecoderLayer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, rotary):
         h = Attention(self.cfg, self.decode, name="attention")(
-            RMSNorm(self.cfg, name="pre_attention_norm")(x), positions, segment_ids)
+            RMSNorm(self.cfg, name="pre_attention_norm")(x), positions, segment_ids, rotary)
         x = nn.with_logical_constraint(x + h, ACT_EMBED)
         h = Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="pre_mlp_norm")(x))
         x = nn.with_logical_constraint(x + h, ACT_EMBED)
@@ -427,16 +439,18 @@ class Decoder(nn.Module):
         x = jnp.take(embedding, tokens, axis=0).astype(dtype)
         x = nn.with_logical_constraint(x, ACT_EMBED)
 
+        rotary = rope_tables(positions, cfg.dims_per_head, cfg.rope_theta, cfg.max_len)
         layer_cls = _remat(DecoderLayer, cfg)
         if cfg.scan_layers:
             stack = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
-                            split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+                            split_rngs={"params": True}, in_axes=(nn.broadcast,) * 3,
                             length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(cfg, decode, name="layers")(x, positions, segment_ids)
+            x, _ = stack(cfg, decode, name="layers")(x, positions, segment_ids, rotary)
         else:
             for i in range(cfg.num_layers):
-                x, _ = layer_cls(cfg, decode, name=f"layers_{i}")(x, positions, segment_ids)
+                x, _ = layer_cls(cfg, decode, name=f"layers_{i}")(x, positions, segment_ids,
+                                                                   rotary)
 
         x = RMSNorm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:
@@ -469,5 +483,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Any:
     "layers" entry with a leading num_layers axis). Pass it as `{"params": ..., "cache":
     cache}` to `Decoder.apply(..., decode=True, mutable=["cache"])`; to place it on a mesh,
     `jax.device_put(cache, partitioning.param_shardings(abstract_cache(...), mesh))`."""
+    if max_len > cfg.max_len:
+        raise ConfigError(f"init_cache(max_len={max_len}) exceeds ModelConfig.max_len="
+                          f"{cfg.max_len}, the longest position the model has RoPE tables for")
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                         nn.unbox(abstract_cache(cfg, batch, max_len)))
