@@ -4,14 +4,15 @@ One step directory holds two items:
 - `state`: the train state (a pytree of global jax.Arrays), written asynchronously. It is
   restored onto an *abstract target* carrying the current shardings, so a run saved on one
   mesh (say fsdp=4 x tensor=2) resumes on another (one device, data=8).
-- `data`: the tf.data iterator of every process (`process_<i>` files), written
-  synchronously with `tf.train.Checkpoint` (`data.pipeline.DataIterator.save`), which
-  records the iterator's internal position (file offsets, shuffle and packing buffers,
-  prefetched elements). The trainer pulls exactly one batch per step and never reads
-  ahead of the iterator, so the restored iterator yields the very batch the uninterrupted
-  run would have read next: resume is exact for any deterministic pipeline, and costs
-  O(buffer size), not a replay of the data seen so far. A restore needs the same number
-  of processes (one iterator file each).
+- `data`: the tf.data iterator of every data shard (`shard_<j>_of_<n>` files, see
+  `multihost`), written synchronously with `tf.train.Checkpoint`
+  (`data.pipeline.DataIterator.save`), which records the iterator's internal position
+  (file offsets, shuffle and packing buffers, prefetched elements). The trainer pulls
+  exactly one batch per step and never reads ahead of the iterator, so the restored
+  iterator yields the very batch the uninterrupted run would have read next: resume is
+  exact for any deterministic pipeline, and costs O(buffer size), not a replay of the
+  data seen so far. A restore needs the same number of data shards, read by any number
+  of processes that divides it.
 
 Preemption: on one process a SIGTERM sets a flag the loop polls (`reached_preemption`);
 with several processes orbax's preemption sync point (JAX's distributed preemption
@@ -31,36 +32,28 @@ from etils import epath
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-    """Saves/restores the data iterator of every process (`process_<i>` files) through
-    its own `save(prefix)` / `restore(prefix)` (e.g. `data.pipeline.DataIterator`)."""
+    """Saves/restores the data position through the iterator's own `save(directory)` /
+    `restore(directory)` (`multihost.ShardedIterator`: one file per data shard, written
+    and read by the process that reads that shard)."""
 
     def save(self, directory: epath.Path, args: "DataIteratorSave"):
-        args.iterator.save(_process_prefix(directory))
+        args.iterator.save(str(directory))
 
     def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
-        prefix = _process_prefix(directory)
-        if not epath.Path(prefix + ".index").exists():
-            raise FileNotFoundError(
-                f"{prefix}: no data-iterator checkpoint for process {jax.process_index()}; "
-                "a run must resume with the same number of processes it saved with")
-        args.iterator.restore(prefix)
+        args.iterator.restore(str(directory))
         return args.iterator
-
-
-def _process_prefix(directory: epath.Path) -> str:
-    return str(directory / f"process_{jax.process_index()}")
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
 @dataclasses.dataclass
 class DataIteratorSave(ocp.args.CheckpointArgs):
-    iterator: Any  # has save(prefix): writes its position (a tf.train.Checkpoint)
+    iterator: Any  # has save(directory): writes its position there
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
 @dataclasses.dataclass
 class DataIteratorRestore(ocp.args.CheckpointArgs):
-    iterator: Any  # a fresh iterator over the same pipeline; restore(prefix) moves it
+    iterator: Any  # a fresh iterator over the same pipeline; restore(directory) moves it
 
 
 class Checkpoints:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prealign_jax import checkpointing, modes, partitioning, vocab
+from prealign_jax import checkpointing, modes, multihost, partitioning, vocab
 from prealign_jax import model as model_lib
 from prealign_jax.data import pipeline
 from prealign_jax.errors import UserError
@@ -314,11 +314,13 @@ def job_peak_flops(peak_flops_per_device: float | None) -> float:
 # ---------------------------------------------------------------- data
 @dataclasses.dataclass
 class DataSources:
-    """What the loop reads: per-process tf.data datasets of packed batches (`FEATURES`,
-    [batch_size / process_count, seq_len]) and the vocabulary's `token_class[V]`.
+    """What the loop reads: for each data shard this process reads (`seqio.ShardInfo` ->
+    tf.data dataset of packed batches, `FEATURES`, [batch_size / num_shards, seq_len];
+    see `multihost.data_shards`), and the vocabulary's `token_class[V]`.
 
-    `train` is endless and deterministic (its iterator position is checkpointed); `eval`,
-    if given, is endless too and re-read from its start at every evaluation."""
+    `train` is endless and deterministic (each shard's iterator position is
+    checkpointed); `eval`, if given, is endless too and re-read from its start at every
+    evaluation."""
 
     train: Any
     eval: Any | None
@@ -328,25 +330,33 @@ class DataSources:
 @gin.configurable(denylist=["workdir", "batch_size", "seq_len", "seed"])
 def seqio_data(workdir: str, batch_size: int, seq_len: int, seed: int, *,
                data_dir: str | None = None, mixture_or_task: str = "prealign",
-               eval_split: str | None = "validation") -> DataSources:
+               eval_split: str | None = "validation",
+               num_data_shards: int | None = None) -> DataSources:
     """The trainer's data from the seqio pipeline (`data.pipeline.get_dataset`, which holds
-    the loss weights); each process reads its own shard of the files.
+    the loss weights); each process reads its own data shards (files, or records where a
+    split has fewer files than shards).
 
-    `data_dir` defaults to `<workdir>/data`, where `prealign prepare --workdir` writes."""
+    `data_dir` defaults to `<workdir>/data`, where `prepare --workdir` writes.
+    `num_data_shards` (None: one per process) fixes the global batch's composition: keep
+    it when resuming on another number of processes (it must be a multiple of it)."""
     import seqio
 
-    shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
-    per_process = batch_size // jax.process_count()
+    shards = multihost.data_shards(num_data_shards)
+    if batch_size % shards[0].num_shards:
+        raise TrainError(f"train.batch_size={batch_size} must be a multiple of "
+                         f"seqio_data.num_data_shards={shards[0].num_shards}")
+    per_shard = batch_size // shards[0].num_shards
     data_dir = data_dir or os.path.join(workdir, "data")
 
-    def dataset(split):
-        return pipeline.get_dataset(mixture_or_task, split, per_process, seq_len, seed,
-                                    shard_info=shard, data_dir=data_dir)
+    def datasets(split):
+        return {shard: pipeline.get_dataset(mixture_or_task, split, per_shard, seq_len, seed,
+                                            shard_info=shard, data_dir=data_dir)
+                for shard in shards}
 
-    train_ds = dataset("train")  # registers the tasks of data_dir
+    train_ds = datasets("train")  # registers the tasks of data_dir
     vocabulary = seqio.get_mixture_or_task(mixture_or_task).output_features[
         "targets"].vocabulary
-    return DataSources(train=train_ds, eval=dataset(eval_split) if eval_split else None,
+    return DataSources(train=train_ds, eval=datasets(eval_split) if eval_split else None,
                        token_class=vocab.token_classes(vocabulary))
 
 
@@ -390,12 +400,13 @@ def train(workdir: str, *,
     """
     _use_cpu_devices(num_cpu_devices)
     if distributed is not None:
-        jax.distributed.initialize(**distributed)
+        multihost.initialize(distributed)
     seq_len = seq_len or model.max_len
     if seq_len > model.max_len:
         raise TrainError(f"train.seq_len={seq_len} exceeds ModelConfig.max_len="
                          f"{model.max_len}")
     device_mesh = mesh.make()
+    _say(multihost.describe(device_mesh))
     _check_batch(batch_size, accum_steps, device_mesh)
     os.makedirs(workdir, exist_ok=True)
     sources = data(workdir, batch_size, seq_len, seed)
@@ -437,9 +448,9 @@ def _use_cpu_devices(n: int | None) -> None:
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # backend already up (e.g. XLA_FLAGS set the count): check it
-        if jax.default_backend() == "cpu" and jax.device_count() != n:
+        if jax.default_backend() == "cpu" and jax.local_device_count() != n:
             raise TrainError(f"train.num_cpu_devices={n}, but JAX already started with "
-                             f"{jax.device_count()} CPU devices") from None
+                             f"{jax.local_device_count()} CPU devices") from None
 
 
 def _check_batch(batch_size: int, accum_steps: int, mesh) -> None:
@@ -457,7 +468,7 @@ def _loop(workdir: str, steps: Steps, sources: DataSources, *, num_steps: int,
           seed: int) -> dict[str, float]:
     batch_sh = partitioning.batch_sharding(steps.mesh)
     ckpt = checkpointing.Checkpoints(workdir, checkpoint_every, keep_checkpoints)
-    iterator = pipeline.DataIterator(sources.train)
+    iterator = multihost.ShardedIterator(sources.train)
     start = ckpt.latest_step() or 0
     with partitioning.activate(steps.mesh):
         if start:
@@ -530,8 +541,8 @@ def _fetch_finite(pending: list[tuple[int, dict]], ckpt) -> list[dict]:
     return fetched
 
 
-def _evaluate(steps: Steps, state: TrainState, dataset, num_batches: int, batch_sh):
-    iterator = pipeline.DataIterator(dataset)
+def _evaluate(steps: Steps, state: TrainState, datasets, num_batches: int, batch_sh):
+    iterator = multihost.ShardedIterator(datasets)
     return jax.device_get([steps.evaluate(state.params, _global_batch(next(iterator),
                                                                         batch_sh))
                            for _ in range(num_batches)])
@@ -541,4 +552,5 @@ def command(args) -> None:
     """`prealign train --workdir=DIR [--gin_file=runs/X.gin] [--gin.train.P=V ...]`."""
     if not args.workdir:
         raise TrainError("prealign train needs --workdir=DIR (checkpoints, metrics, config)")
-    train(args.workdir)
+    with multihost.fail_fast():  # a failed process must not leave its peers hanging
+        train(args.workdir)
