@@ -48,6 +48,18 @@ COMMANDS = {
                                    help="stop at a bad input record, or skip and log it")))),
     "train": Command("prealign_jax.train:command",
                      "train (or resume) a model: checkpoints, metrics and config in --workdir"),
+    "plan": Command(
+        "prealign_jax.plan:command",
+        "per-device memory, FLOPs and step time of a model on a mesh (no accelerator needed)",
+        ((("--batch_size",), dict(type=int, default=None, help="global sequences per step "
+                                  "(default: train.batch_size if bound, else one per device)")),
+         (("--seq_len",), dict(type=int, default=None, help="default: train.seq_len or "
+                               "ModelConfig.max_len")),
+         (("--accum_steps",), dict(type=int, default=None, help="default: train.accum_steps")),
+         (("--mfu",), dict(type=float, default=0.5, help="model FLOPs utilisation for the "
+                           "step time (default 0.5)")),
+         (("--compile",), dict(action="store_true", help="also compile the train step for "
+                               "the mesh on fake CPU devices and print XLA's buffer sizes")))),
     "sample": Command(
         "prealign_jax.inference:command",
         "sample from a trained run under a policy (the transition mask)",
