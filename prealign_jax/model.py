@@ -224,10 +224,12 @@ def causal_attention(q, k, v, segment_ids, impl: str):
         out = blocked_attention(heads_first(q) * scale, heads_first(k), heads_first(v),
                                 segment_ids, _block_size(q.shape[1]))
         return heads_first(out)
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if impl in ("xla", "cudnn"):  # is_causal lets cuDNN skip the blocks above the diagonal
+        return jax.nn.dot_product_attention(q, k, v, mask=same_segment[:, None],
+                                            is_causal=True, implementation=impl)
     t = q.shape[1]
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & jnp.tril(
-        jnp.ones((t, t), bool))
-    return attend(q, k, v, mask, impl)
+    return attend(q, k, v, same_segment & jnp.tril(jnp.ones((t, t), bool)), impl)
 
 
 # ---------------------------------------------------------------- blocked attention
