@@ -5,6 +5,9 @@ restored onto another mesh, and the non-finite-loss guard."""
 import functools
 import json
 import os
+import signal
+import threading
+import time
 
 import jax
 import numpy as np
@@ -216,6 +219,34 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, batches, reference):
                                        reference[1][2]["loss_sum"], rtol=2e-5)
     finally:
         ckpt.close()
+
+
+def test_sigterm_saves_the_current_step_and_stops(tmp_path, batches, capsys):
+    """Preemption: the loop sees the signal at the next step, saves it, waits, returns."""
+    stop = threading.Event()
+
+    def preempt_after_two_steps():
+        while not stop.is_set():
+            if (tmp_path / "metrics.jsonl").exists() and len(
+                    (tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by the run's Checkpoints
+                return
+            time.sleep(0.01)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    watcher = threading.Thread(target=preempt_after_two_steps)
+    watcher.start()
+    try:
+        run_train(tmp_path, batches, dict(data=8), num_steps=1000, log_every=1,
+                  checkpoint_every=1000)
+    finally:
+        stop.set()
+        watcher.join()
+    assert signal.getsignal(signal.SIGTERM) == previous  # the run's handler is gone
+    saved = int(capsys.readouterr().out.split("preempted: saved step ")[1].split()[0])
+    last_logged = max(json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl"))
+    assert 2 <= saved == last_logged < 1000
+    assert os.listdir(tmp_path / "checkpoints") == [str(saved)]
 
 
 def test_non_finite_loss_stops_the_run_and_is_never_checkpointed(tmp_path, batches):
