@@ -80,6 +80,17 @@ COMMANDS = {
                                "(to measure the unconstrained model)")),
          (("--output",), dict(default=None, help="write samples as JSON lines here"))),
         run_config=True),
+    "eval": Command(
+        "prealign_jax.evaluation:command",
+        "evaluate a trained run: held-out loss per mode; samples with and without the "
+        "mask (violations, well-formedness, misaligned rate per mode, red-team); plots",
+        ((("--output_dir",), dict(default=None, help="where eval.json, samples.jsonl and "
+                                  "the plots go (default <workdir>/eval)")),),
+        run_config=True),
+    "experiment": Command(
+        "prealign_jax.experiment:command",
+        "prealigned model vs. a baseline on the same documents without tags, at the same "
+        "text-token budget: prepare, train both, evaluate both, report.md with plots"),
 }
 
 GIN_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -183,6 +194,7 @@ def main(argv: list[str]) -> int:
                                  "directory written by prealign train?")
             files = [run_config] + files
         parse_gin(files, bindings)
+        args.gin_bindings = bindings  # for commands that run stages under their own gin
         target(args)
     except UserError as e:  # one line (gin appends "In call to configurable ..." lines)
         print(f"prealign: error: {_first_line(e)}", file=sys.stderr)
