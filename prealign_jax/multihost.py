@@ -127,7 +127,15 @@ class ShardedIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batches = [next(it) for it in self._iterators.values()]
+        batches = []
+        for shard, iterator in self._iterators.items():
+            try:
+                batches.append(next(iterator))
+            except StopIteration:  # the datasets repeat: this shard has no examples
+                raise pipeline.DataError(
+                    f"data shard {shard.index} of {shard.num_shards} yields no batches: a "
+                    "split with fewer records (of some task) than data shards? Lower "
+                    "seqio_data.num_data_shards or prepare more data") from None
         if len(batches) == 1:
             return batches[0]
         return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}

@@ -454,12 +454,12 @@ def _use_cpu_devices(n: int | None) -> None:
 
 
 def _check_batch(batch_size: int, accum_steps: int, mesh) -> None:
-    multiple = partitioning.batch_size_multiple(mesh) * accum_steps * jax.process_count()
+    # (the batch axes' devices span every process: their count already divides by it)
+    multiple = partitioning.batch_size_multiple(mesh) * accum_steps
     if batch_size % multiple:
         raise TrainError(
             f"train.batch_size={batch_size} must be a multiple of {multiple} (devices on the "
-            f"mesh's data x fsdp axes x train.accum_steps={accum_steps} x "
-            f"{jax.process_count()} processes)")
+            f"mesh's data x fsdp axes x train.accum_steps={accum_steps})")
 
 
 def _loop(workdir: str, steps: Steps, sources: DataSources, *, num_steps: int,

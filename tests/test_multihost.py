@@ -1,6 +1,6 @@
 """Multi-process training on one machine: `prealign train` as 2 processes x 4 CPU devices
 (gloo collectives, jax.distributed over 127.0.0.1) against 1 process x 8 devices, on the
-same mesh (data=2 fsdp=2 tensor=2) and the same 2 data shards.
+same mesh (fsdp=8: parameters split across the processes) and the same 2 data shards.
 
 - the two layouts produce the same losses, step by step;
 - a run saved by one layout resumes on the other with the same state *and* data position
@@ -58,11 +58,11 @@ def free_port() -> int:
 
 def train_command(workdir, data_dir, num_steps, process=None, extra=(), init_timeout=300,
                   evaluate=False):
-    """`prealign train` on the cpu_2x2x2 mesh with 2 data shards; `process` = (id, port)
+    """`prealign train` on the cpu_fsdp8 mesh with 2 data shards; `process` = (id, port)
     makes it process `id` of a 2-process job with 4 devices each; `evaluate`: one
     validation batch at the last step."""
     cmd = [sys.executable, "-m", "prealign_jax.main", "train",
-           "--gin_file=runs/cpu_demo.gin", "--gin_file=meshes/cpu_2x2x2.gin",
+           "--gin_file=runs/cpu_demo.gin", "--gin_file=meshes/cpu_fsdp8.gin",
            f"--workdir={workdir}", f"--gin.seqio_data.data_dir='{data_dir}'",
            "--gin.seqio_data.num_data_shards=2", f"--gin.train.num_steps={num_steps}",
            "--gin.train.batch_size=8", "--gin.train.log_every=1",
@@ -219,3 +219,13 @@ def test_a_failed_process_stops_its_peer_within_the_heartbeat(tmp_path, data_dir
     _, err = lone.communicate(timeout=120)
     assert lone.returncode != 0
     assert "process 0 of 2" in err and "joining the job at 127.0.0.1" in err
+
+
+def test_a_shard_without_batches_is_a_data_error():
+    from prealign_jax import multihost
+    from prealign_jax.data import pipeline
+
+    datasets = shard_datasets([(0, 2)])
+    empty = {shard: ds.take(0) for shard, ds in shard_datasets([(1, 2)]).items()}
+    with pytest.raises(pipeline.DataError, match=r"data shard 1 of 2 yields no batches"):
+        next(multihost.ShardedIterator({**datasets, **empty}))
