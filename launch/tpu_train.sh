@@ -34,7 +34,7 @@ for arg in "$@"; do
     --spot) SPOT=1 ;;
     --dry_run) DRY_RUN=1 ;;
     --gin_file=*|--gin.*=*) GIN_ARGS+=("$arg") ;;
-    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '/^set -euo/q;2,$p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument '$arg' (see --help)" ;;
   esac
 done
