@@ -53,7 +53,8 @@ class ModelConfig:
     `attention`: "blocked" (causal blocks with a flash-style custom VJP in plain jnp; the
     fastest on CPU), "einsum" (explicit [T, T] scores), "xla" / "cudnn"
     (jax.nn.dot_product_attention with that implementation); "auto" picks "blocked" on
-    CPU and "xla" elsewhere. Decoding with a cache always uses masked einsum / XLA.
+    CPU, "cudnn" on GPU in bf16/fp16 and "xla" elsewhere (set "xla" on ROCm). Decoding
+    with a cache uses masked einsum (CPU) or XLA.
     """
 
     vocab_size: int
@@ -194,9 +195,16 @@ def rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 
 
 def _attention_impl(cfg: ModelConfig) -> str:
+    """"auto": blocked on CPU; cuDNN flash attention on GPUs in 16-bit compute (on an
+    H200 it gave 1.5-1.7x the training throughput of "xla" at 125m-1b); XLA otherwise."""
     if cfg.attention != "auto":
         return cfg.attention
-    return "blocked" if jax.default_backend() == "cpu" else "xla"
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "blocked"
+    if backend == "gpu" and jnp.dtype(cfg.dtype).itemsize == 2:
+        return "cudnn"
+    return "xla"
 
 
 def attend(q, k, v, mask, impl: str = "einsum"):
@@ -243,9 +251,10 @@ def causal_attention(q, k, v, segment_ids, impl: str):
 
 
 def _block_size(t: int) -> int:
-    """Query block length: 128 (64 for short sequences), or the largest power of two that
-    divides t, or t itself."""
-    for c in (128, 64, 32, 16, 8) if t >= 512 else (64, 32, 16, 8):
+    """Query block length: 64 (128 past 1024 tokens, to bound the unrolled graph), else the
+    largest power of two that divides t, else t. 64 measured fastest here at T = 256 and
+    512 (vs 32 and 128: 1.2-1.7x)."""
+    for c in (128, 64, 32, 16, 8) if t > 1024 else (64, 32, 16, 8):
         if t % c == 0 and t > c:
             return c
     return t
@@ -350,7 +359,7 @@ class Attention(nn.Module):
         impl = _attention_impl(cfg)
         if self.decode:
             k, v, mask = self._update_cache(k, v, positions, segment_ids)
-            out = attend(q, k, v, mask, "einsum" if impl == "blocked" else impl)
+            out = attend(q, k, v, mask, "xla" if impl in ("xla", "cudnn") else "einsum")
         else:
             out = causal_attention(q, k, v, segment_ids, impl)
         out = nn.with_logical_constraint(out, ACT_HEADS)
