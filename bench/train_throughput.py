@@ -7,8 +7,13 @@ an f32 matmul peak measured in the same run (a jitted 2048² matmul), or --peak_
 Each config runs in its own subprocess so peak_rss_mb is its own. One JSON object a line:
 
     .venv/bin/python bench/train_throughput.py                 # tiny and small, CPU, f32
-    .venv/bin/python bench/train_throughput.py --configs=125m,1b --dtype=bfloat16 \\
-        --peak_tflops=989                                         # GPU
+    .venv/bin/python bench/train_throughput.py --configs=small --profile=/tmp/prof
+    bash bench/gpu_train_throughput.sh                            # 125m and 1b, bf16, GPU
+
+Batches (rows × context): tiny 16×256, small 8×512, 125m 16×1024, 1b 8×2048 (--batch).
+The machine may be shared: every timed block is paired with a fresh matmul-peak reading
+and the MFU is the median of the per-block ratios; step_s_all/peak_gflops_all show the
+spread. --profile adds the ops that took the most time per step ("profile_top").
 """
 
 from __future__ import annotations
@@ -51,6 +56,47 @@ def matmul_peak(dtype: str, n: int = 2048):
         return 2 * n ** 3 / best / 1e9
 
     return measure
+
+
+def profile_top(run_steps, hlo_text: str, trace_dir: str, steps: int = 2, top: int = 15):
+    """Trace `steps` steps with jax.profiler and return the ops that took the most time
+    per step, grouped by HLO op kind, shape and source (layer index folded), as
+    [seconds, share, kind, shape, source]. Reads the trace with TensorFlow's xplane proto."""
+    import collections
+    import glob
+    import re
+
+    import jax
+    from prealign_jax.tf_cpu import import_tf
+
+    import_tf()
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    with jax.profiler.trace(trace_dir):
+        run_steps(steps)
+    space = xplane_pb2.XSpace()
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    source = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?op_name="([^"]*)"', line)
+        if m:
+            source.setdefault(m.group(1), (m.group(2).split("{")[0],
+                                           re.sub(r"layers_\d+", "L", m.group(3))))
+    by_op = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if name in source:
+                    shape, src = source[name]
+                    by_op[(name.rsplit(".", 1)[0], shape, src[-80:])] += event.duration_ps
+    total = sum(by_op.values())
+    return [[round(t / 1e12 / steps, 4), round(t / total, 3), *key]
+            for key, t in by_op.most_common(top)]
 
 
 def synthetic_batch(rng, batch: int, seq_len: int, vocab: int, docs_per_row: int = 2):
@@ -126,6 +172,17 @@ def run_one(args) -> dict:
     step_s = float(np.median(step_times))
     tokens_per_s = batch * seq_len / step_s
     mfu = float(np.median([flops_per_step / t / 1e9 / p for t, p in zip(step_times, peaks)]))
+    extra = {}
+    if args.profile:
+        holder = [state]
+
+        def run_steps(n):
+            for _ in range(n):
+                holder[0], out = compiled(holder[0], data)
+            float(out)
+
+        extra["profile_top"] = profile_top(run_steps, compiled.as_text(),
+                                           os.path.join(args.profile, args.config))
     return dict(config=args.config, backend=jax.default_backend(), dtype=args.dtype,
                 batch=batch, seq_len=seq_len, params_m=round(M.num_params(cfg) / 1e6, 2),
                 remat=args.remat, scan_layers=args.scan, attention=args.attention,
@@ -138,7 +195,7 @@ def run_one(args) -> dict:
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 device_peak_mb=round((jax.devices()[0].memory_stats() or {}).get(
                     "peak_bytes_in_use", 0) / 2 ** 20),
-                loss=round(float(loss), 4))
+                loss=round(float(loss), 4), **extra)
 
 
 def main(argv=None):
@@ -154,6 +211,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks (median)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", default="",
+                        help="trace 2 more steps into this folder; add the top ops")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
                         help="accelerator peak for MFU (0: measure an f32 matmul)")
     args = parser.parse_args(argv)
