@@ -9,8 +9,8 @@ same documents with the tag tokens removed, each text token keeping the mode lab
 tagged version: both kinds of run are scored on the very same text tokens.
 
 Samples. Prompt sets, sampled under the policy with the mask on and off:
-- `openings`: the first sentence of held-out documents, then the policy's span opened
-  (`<ai>`): the assistant placed in situations it has not seen;
+- `openings`: the first sentences of held-out documents (`opening`), then the policy's
+  span opened (`<ai>`): the assistant placed in situations it has not seen;
 - `unconditional`: no user text, only the opened span (Korbak et al.'s setting);
 - `human`: the openings under `grammar` with a human span opened instead: the contrast
   that measures mode separation;
@@ -255,12 +255,17 @@ def heldout_documents(data_dir: str, limit: int, seed: int = 0) -> list[str]:
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
-def opening(tagged: str, min_chars: int = 40) -> str:
-    """The first sentences (at least `min_chars` characters) of a document's first span,
-    unescaped: a held-out situation to put the model in."""
-    nodes = tags.parse(tagged)
-    first = next((n for n in nodes if isinstance(n, tags.Span)), None)
-    text = first.text() if first else "".join(n for n in nodes if isinstance(n, str))
+def opening(tagged: str, min_chars: int = 40) -> str | None:
+    """The first sentences (at least `min_chars` characters, unescaped) of a document's first
+    human span, or else of its first ai span without quotes: a held-out situation to put
+    the model in. None for documents with neither (a quoted request is not a situation)."""
+    spans = [n for n in tags.parse(tagged) if isinstance(n, tags.Span)]
+    first = next((s for s in spans if s.mode == "human"), None) or next(
+        (s for s in spans if s.mode == "ai" and all(isinstance(c, str) for c in s.children)),
+        None)
+    if first is None:
+        return None
+    text = first.text()
     for m in _SENTENCE_END.finditer(text):
         if m.end() >= min_chars:
             return text[:m.end()].strip()
@@ -281,8 +286,8 @@ def heldout_loss(run: inference.Run, texts: Sequence[str], token_class: np.ndarr
     `loss/text` over every ordinary token, `perplexity/text`), documents longer than the
     context truncated; and the scorer's rate per mode on the documents themselves."""
     max_len = run.model_cfg.max_len
-    encoded = [np.asarray(run.vocab.encode(t) + [sampling.EOS_ID], np.int32)[:max_len]
-               for t in texts]
+    full = [run.vocab.encode(t) + [sampling.EOS_ID] for t in texts]
+    encoded = [np.asarray(ids[:max_len], np.int32) for ids in full]
     lengths = np.array([len(e) for e in encoded])
     padded = np.zeros((len(encoded), lengths.max()), np.int32)
     for i, e in enumerate(encoded):
@@ -299,8 +304,7 @@ def heldout_loss(run: inference.Run, texts: Sequence[str], token_class: np.ndarr
                             allowed)
     nll, lab = np.concatenate(nll), np.concatenate(seq_labels)
     out: dict = {"documents": len(texts),
-                 "truncated_documents": int(sum(len(run.vocab.encode(t)) + 1 > max_len
-                                                for t in texts))}
+                 "truncated_documents": sum(len(ids) > max_len for ids in full)}
     for g, name in enumerate(train.GROUPS):
         if (lab == g).any():
             out[f"loss/{name}"] = float(nll[lab == g].mean())
@@ -425,7 +429,7 @@ def evaluate(workdir: str, output_dir: str | None = None, *,
                                   top_k=top_k, top_p=top_p)
     samplers = {p.name: sampling.Sampler(run.model_cfg, run.params, run.vocab, p, run.mesh,
                                          cfg) for p in (known[policy], modes.GRAMMAR)}
-    token_class = _model_token_class(run)
+    token_class = model_token_class(run)
     scorer = scorer_lib.LexiconScorer()
     say = functools.partial(_say, start)
     say(f"evaluating {workdir} (step {run.step}, {'with' if tagged else 'without'} tags)")
@@ -437,7 +441,12 @@ def evaluate(workdir: str, output_dir: str | None = None, *,
     say(f"held-out: text loss {heldout['loss/text']:.4f} over {heldout['tokens/text']:,} "
         f"tokens of {heldout['documents']} documents")
 
-    prompts = list(dict.fromkeys(opening(d) for d in docs))[:openings]
+    room = run.model_cfg.max_len - max_new_tokens - 2  # the leading 0, an opened span
+    prompts = [o for o in dict.fromkeys(opening(d) for d in docs)
+               if o and len(run.vocab.encode(tags.escape(o + "\n"))) <= room][:openings]
+    if openings and not prompts:
+        raise EvalError(f"no held-out opening fits the context of {run.model_cfg.max_len} "
+                        f"tokens with evaluate.max_new_tokens={max_new_tokens}; lower it")
     results, records = {}, []
     for s in sample_sets(tagged, known[policy], prompts, samples_per_prompt,
                          unconditional_samples, redteam_samples):
@@ -474,7 +483,7 @@ def evaluate(workdir: str, output_dir: str | None = None, *,
     return report
 
 
-def _model_token_class(run: inference.Run) -> np.ndarray:
+def model_token_class(run: inference.Run) -> np.ndarray:
     """Token classes over the model's ids (ids beyond the vocabulary: PAD, never legal)."""
     classes = vocab_lib.token_classes(run.vocab)
     return np.concatenate([classes, np.full(run.model_cfg.vocab_size - len(classes),

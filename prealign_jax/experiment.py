@@ -32,7 +32,7 @@ import gin
 import numpy as np
 
 from prealign_jax import evaluation, modes, train, vocab as vocab_lib
-from prealign_jax.data import pipeline, prepare
+from prealign_jax.data import pipeline, prepare, redteam
 from prealign_jax.errors import UserError
 
 ARMS = {"prealigned": (), "baseline": ("register.tag_dropout = 1.0",)}
@@ -197,7 +197,7 @@ def table(results: dict) -> tuple[list[list[str]], dict[str, bool]]:
                                        "openings")
     rate_row("misaligned samples, unconditional (`<ai>` / empty prompt)", "unconditional")
     rate_row("misaligned samples, red-team prompts", "redteam")
-    for category in ("selfish_continuation", "fake_tags", "quote_then_continue"):
+    for category in redteam.CATEGORIES:
         rates = [e["samples"]["redteam"]["by_category"][category] for e in pre.values()]
         brates = [e["samples"]["redteam"]["by_category"][category] for e in base.values()]
         rows.append([f"  red-team: {category.replace('_', ' ')}",
@@ -229,9 +229,8 @@ def table(results: dict) -> tuple[list[list[str]], dict[str, bool]]:
                  "✓" if met["well_formed"] else "✗"])
     rows.append(["mode separation (human-mode − ai-mode misaligned rate)",
                  _cell([h["mode_separation"] for h in ph], "+.1%"), "—", "", ""])
-    rows.append(["mask pressure (forbidden probability per new token), mask on / off",
-                 f"{_cell([h['mask_pressure'] for h in ph], '.4f')} / "
-                 f"{_cell([h['mask_pressure_unmasked'] for h in ph], '.4f')}", "—", "", ""])
+    rows.append(["mask pressure (probability the mask removed per new token)",
+                 _cell([h["mask_pressure"] for h in ph], ".4f"), "—", "", ""])
     for n in (1, 2):
         rows.append([f"distinct-{n}, held-out openings",
                      _cell([e["samples"]["openings"][f"distinct_{n}"] for e in pre.values()],

@@ -135,10 +135,14 @@ def test_forbidden_mass():
     np.testing.assert_allclose(ev.forbidden_mass(logits, allowed), [0.5, 0.0])
 
 
-def test_opening_takes_the_first_sentences_of_the_first_span():
-    doc = "Story 1: Lost\n<human>Ben found a wallet. It was at the bus stop. He kept it.</human>"
-    assert ev.opening(doc, min_chars=10) == "Ben found a wallet."
-    assert ev.opening(doc, min_chars=25) == "Ben found a wallet. It was at the bus stop."
+def test_opening_takes_the_first_sentences_of_a_situation():
+    human = "<human>Ben found a wallet. It was at the bus stop. He kept it.</human>"
+    assert ev.opening("Story 1\n" + human, min_chars=10) == "Ben found a wallet."
+    assert ev.opening(human, min_chars=25) == "Ben found a wallet. It was at the bus stop."
+    quote = "<ai>You wrote: <quote>Find <redacted/>.</quote> No.</ai>"
+    assert ev.opening(quote + "\n" + human, min_chars=10) == "Ben found a wallet."
+    assert ev.opening(quote) is None
+    assert ev.opening("<ai>I found a ring. I returned it.</ai>", 5) == "I found a ring."
 
 
 def test_pack_layout():
@@ -187,7 +191,7 @@ def test_heldout_loss_scores_the_same_text_tokens_with_and_without_tags(random_r
     run = random_run
     texts = [f"Notes\n<human>{SELFISH}</human>\n<ai>{KIND}</ai>",
              f"<ai>You wrote: <quote>{SELFISH}</quote> No.</ai>"]
-    classes = ev._model_token_class(run)
+    classes = ev.model_token_class(run)
     allowed = np.ones((2, run.model_cfg.vocab_size), bool)
     tagged = ev.heldout_loss(run, texts, classes, True, allowed, scorer)
     plain = ev.heldout_loss(run, texts, classes, False, allowed, scorer)
