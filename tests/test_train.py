@@ -175,7 +175,9 @@ def synthetic_data(batch_list):
 
 
 def run_train(workdir, batch_list, mesh, num_steps, **kwargs):
-    kwargs = dict(dict(log_every=2, checkpoint_every=2, eval_every=0), **kwargs)
+    # num_cpu_devices explicitly: a gin binding left by another test must not apply.
+    kwargs = dict(dict(log_every=2, checkpoint_every=2, eval_every=0, num_cpu_devices=None),
+                  **kwargs)
     return train.train(str(workdir), model=CFG, num_steps=num_steps, batch_size=8,
                        mesh=partitioning.MeshConfig(**mesh), optimizer=OPT,
                        data=synthetic_data(batch_list), peak_flops_per_device=1e9, **kwargs)
