@@ -95,7 +95,7 @@ def mode_texts(vocab, tokens: Sequence[int], classes: np.ndarray, start: int) ->
     text split by a tag are joined with a newline, so no sentence spans two modes."""
     mode_ids = modes.run_numpy(modes.grammar_tables(), classes[None])[0][0, start:]
     is_text = classes[start:] == modes.TEXT
-    runs: dict[str, list[str]] = {}
+    runs: list[tuple[str, str]] = []  # (mode, text) in order
     i, n = 0, len(tokens)
     while i < n:
         j = i + 1
@@ -103,10 +103,10 @@ def mode_texts(vocab, tokens: Sequence[int], classes: np.ndarray, start: int) ->
             while j < n and is_text[j] and mode_ids[j] == mode_ids[i]:
                 j += 1
             mode = modes.MODES[mode_ids[i]] if mode_ids[i] >= 0 else INVALID
-            runs.setdefault(mode, []).append(vocab.decode([int(t) for t in tokens[i:j]]))
+            runs.append((mode, vocab.decode([int(t) for t in tokens[i:j]])))
         i = j
-    texts = {mode: "\n".join(parts) for mode, parts in runs.items()}
-    texts[ALL] = "\n".join(part for parts in runs.values() for part in parts)
+    texts = {mode: "\n".join(t for m, t in runs if m == mode) for mode, _ in runs}
+    texts[ALL] = "\n".join(t for _, t in runs)
     return texts
 
 
@@ -174,18 +174,15 @@ def pack(seqs: Sequence[np.ndarray], states: Sequence[np.ndarray], length: int,
          rows_multiple: int, pad_state: int) -> Packed:
     """Greedy next-fit packing of sequences of at most `length` tokens; the row count is
     rounded up to `rows_multiple` (padding rows read in `pad_state`)."""
-    rows: list[list[int]] = []
-    where, used = [], length
+    where, row, used = [], -1, length
     for i, s in enumerate(seqs):
         if not 0 < len(s) <= length:
             raise ValueError(f"sequence {i} has {len(s)} tokens; pack takes 1..{length}")
         if used + len(s) > length:
-            rows.append([])
-            used = 0
-        where.append((len(rows) - 1, used))
-        rows[-1].append(i)
+            row, used = row + 1, 0
+        where.append((row, used))
         used += len(s)
-    num_rows = -(-max(len(rows), 1) // rows_multiple) * rows_multiple
+    num_rows = -(-max(row + 1, 1) // rows_multiple) * rows_multiple
     out = {k: np.zeros((num_rows, length), np.int32)
            for k in ("inputs", "targets", "positions", "segments")}
     out["states"] = np.full((num_rows, length), pad_state, np.int32)

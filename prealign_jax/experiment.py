@@ -31,8 +31,9 @@ from typing import Sequence
 import gin
 import numpy as np
 
-from prealign_jax import evaluation, modes, train, vocab as vocab_lib
-from prealign_jax.data import pipeline, prepare, redteam
+from prealign_jax import evaluation, main, model as model_lib, modes, train
+from prealign_jax import vocab as vocab_lib
+from prealign_jax.data import pipeline, prepare, redteam, shards
 from prealign_jax.errors import UserError
 
 ARMS = {"prealigned": (), "baseline": ("register.tag_dropout = 1.0",)}
@@ -46,7 +47,7 @@ class ExperimentError(UserError):
 
 @gin.configurable(denylist=["workdir", "gin_files", "gin_bindings"])
 def experiment(workdir: str, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = (),
-               *, seeds: Sequence[int] = (0,), budget_batches: int = 16) -> dict:
+               *, seeds: Sequence[int] = (0,), budget_batches: int = 32) -> dict:
     """Run the stages of the module docstring; returns the report's numbers.
 
     Args:
@@ -56,8 +57,6 @@ def experiment(workdir: str, gin_files: Sequence[str] = (), gin_bindings: Sequen
       seeds: `train.seed` of each pair of runs (initialisation and data order).
       budget_batches: packed batches of each pipeline counted to match text tokens.
     """
-    from prealign_jax import main
-
     start = time.perf_counter()
     workdir = os.path.abspath(workdir)
     data_dir = os.path.join(workdir, "data")
@@ -80,6 +79,10 @@ def experiment(workdir: str, gin_files: Sequence[str] = (), gin_bindings: Sequen
 
     configure("prealigned", seeds[0])
     num_steps = int(gin.query_parameter("train.num_steps"))
+    model = gin.get_configurable("ModelConfig")()
+    setup = {"parameters": model_lib.num_params(model), "d_model": model.d_model,
+             "num_layers": model.num_layers, "context": model.max_len,
+             "batch_size": int(gin.query_parameter("train.batch_size"))}
     stage("prepare", lambda: prepare.prepare(data_dir=data_dir))
     per_batch = {}
     for arm in ARMS:
@@ -98,7 +101,8 @@ def experiment(workdir: str, gin_files: Sequence[str] = (), gin_bindings: Sequen
             configure(arm, seed, steps[arm])
             stage(f"train/seed{seed}/{arm}", train.train, run_dir)
             evals[arm][seed] = stage(f"eval/seed{seed}/{arm}", evaluation.evaluate, run_dir)
-    results = {"workdir": workdir, "seeds": list(seeds), "steps": steps,
+    setup["train_documents"] = shards.read_manifest(data_dir)["totals"]["train"]["documents"]
+    results = {"workdir": workdir, "setup": setup, "seeds": list(seeds), "steps": steps,
                "text_tokens_per_batch": per_batch, "seconds": seconds,
                "evals": {arm: {str(s): e for s, e in by_seed.items()}
                          for arm, by_seed in evals.items()}}
@@ -198,12 +202,13 @@ def table(results: dict) -> tuple[list[list[str]], dict[str, bool]]:
     rate_row("misaligned samples, unconditional (`<ai>` / empty prompt)", "unconditional")
     rate_row("misaligned samples, red-team prompts", "redteam")
     for category in redteam.CATEGORIES:
-        rates = [e["samples"]["redteam"]["by_category"][category] for e in pre.values()]
-        brates = [e["samples"]["redteam"]["by_category"][category] for e in base.values()]
+        def rates(evals, key):
+            return _cell([e["samples"]["redteam"]["by_category"][category].get(
+                key, {"rate": 0.0})["rate"] for e in evals.values()], ".1%")
+
         rows.append([f"  red-team: {category.replace('_', ' ')}",
-                     f"ai {_cell([r.get('ai', {'rate': 0})['rate'] for r in rates], '.1%')}"
-                     f", quote {_cell([r.get('quote', {'rate': 0})['rate'] for r in rates], '.1%')}",
-                     _cell([r[evaluation.ALL]["rate"] for r in brates], ".1%"), "", ""])
+                     f"ai {rates(pre, 'ai')}, quote {rates(pre, 'quote')}",
+                     rates(base, evaluation.ALL), "", ""])
     p_loss = [e["heldout"]["loss/text"] for e in pre.values()]
     b_loss = [e["heldout"]["loss/text"] for e in base.values()]
     gap = _mean(p_loss) / _mean(b_loss) - 1
@@ -215,9 +220,11 @@ def table(results: dict) -> tuple[list[list[str]], dict[str, bool]]:
         rows.append([f"  held-out loss, {g} text",
                      _cell([e["heldout"][f"loss/{g}"] for e in pre.values()], ".4f"),
                      _cell([e["heldout"][f"loss/{g}"] for e in base.values()], ".4f"), "", ""])
-    violations = [h["violation_rate_masked"] for h in ph]
-    met["violations"] = max(violations) == 0
-    rows.append(["transition violations, mask on", _cell(violations, ".2%"), "—",
+    masked = [r for e in pre.values() for r in e["samples"].values() if r["mask"]]
+    violations = round(sum(r["violation_rate"] * r["samples"] for r in masked))
+    met["violations"] = violations == 0
+    rows.append(["transition violations, mask on",
+                 f"{violations} in {sum(r['samples'] for r in masked)} samples", "—",
                  "exactly 0", "✓" if met["violations"] else "✗"])
     rows.append(["transition violations, mask off",
                  _cell([h["violation_rate_unmasked"] for h in ph], ".1%"), "—", "", ""])
@@ -321,13 +328,17 @@ def write_report(workdir: str, results: dict) -> str:
     rows, met = table(results)
     plots = plot_report(results, os.path.join(workdir, "plots"))
     pre = next(iter(results["evals"]["prealigned"].values()))
-    minutes = results["seconds"]["total"] / 60
+    setup, minutes = results["setup"], results["seconds"]["total"] / 60
     lines = [
         "# Prealigned vs. baseline: the same documents, with and without mode tags", "",
-        f"Seeds {', '.join(map(str, results['seeds']))}; checkpoint step "
-        f"{results['steps']['prealigned']} (prealigned) and {results['steps']['baseline']} "
-        f"(baseline, tags stripped, the same text-token budget); this invocation took "
-        f"{minutes:.1f} min. Sampling: temperature {pre['sampling']['temperature']}, top-p "
+        f"Model: {setup['parameters']:,} parameters (d_model {setup['d_model']}, "
+        f"{setup['num_layers']} layers, context {setup['context']}), batch "
+        f"{setup['batch_size']} sequences; corpus: {setup['train_documents']:,} training "
+        f"documents. Seeds {', '.join(map(str, results['seeds']))}; "
+        f"{results['steps']['prealigned']} steps (prealigned) and "
+        f"{results['steps']['baseline']} (baseline, tags stripped, the same text-token "
+        f"budget); this invocation took {minutes:.1f} min (complete runs are not "
+        f"retrained). Sampling: temperature {pre['sampling']['temperature']}, top-p "
         f"{pre['sampling']['top_p']}, up to {pre['sampling']['max_new_tokens']} new tokens, "
         f"policy `{pre['policy']}`.", "",
         "| metric | prealigned | baseline | target | |", "|---|---|---|---|---|",
