@@ -3,7 +3,7 @@
 A full step (forward + backward + AdamW via optax, jitted, state donated) on synthetic
 packed batches, built from prealign_jax.model only (no train.py), so the figures isolate the
 model. MFU = model FLOPs/s (model.flops_per_token: 6·N_matmul + 12·L·d·T) ÷ a peak: on CPU
-an f32 matmul peak measured in the same run (a jitted 2048² matmul), or --peak_tflops.
+an f32 matmul peak measured in the same run (train.measure_matmul_peak), or --peak_tflops.
 Each config runs in its own subprocess so peak_rss_mb is its own. One JSON object a line:
 
     .venv/bin/python bench/train_throughput.py                 # tiny and small, CPU, f32
@@ -37,25 +37,6 @@ CONFIGS = {
     "1b": (dict(vocab_size=32000, d_model=2048, num_layers=16, num_heads=16, num_kv_heads=8,
                 mlp_dim=5632), 2048, 8),
 }
-
-
-def matmul_peak(dtype: str, n: int = 2048):
-    """A function returning the GFLOP/s of one jitted n×n matmul (the MFU denominator)."""
-    import jax
-
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-
-    def measure(reps: int = 3) -> float:
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            f(a).block_until_ready()
-            best = min(best, time.perf_counter() - t0)
-        return 2 * n ** 3 / best / 1e9
-
-    return measure
 
 
 def profile_top(run_steps, hlo_text: str, trace_dir: str, steps: int = 2, top: int = 15):
@@ -156,7 +137,11 @@ def run_one(args) -> dict:
 
     # The machine is shared: measure the matmul peak next to every timed block and take
     # the median of the per-block ratios, so a change in load hits both sides alike.
-    peak = (lambda: args.peak_tflops * 1e3) if args.peak_tflops else matmul_peak("float32")
+    if args.peak_tflops:
+        peak = lambda: args.peak_tflops * 1e3  # noqa: E731
+    else:  # train.py pulls in TF/seqio: CPU runs only (the GPU script passes a peak)
+        from prealign_jax.train import measure_matmul_peak
+        peak = lambda: measure_matmul_peak(repeats=3) / 1e9  # noqa: E731
     flops_per_step = M.flops_per_token(cfg, seq_len) * batch * seq_len
     for _ in range(args.warmup):
         state, loss = compiled(state, data)

@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
+from cli_helpers import tiny_model_flags
+
 pytestmark = pytest.mark.slow
 
 TINY = ["--gin.prepare.num_scenarios=300", "--gin.prepare.vocab_size=512",
         "--gin.prepare.vocab_documents=300", "--gin.prepare.validation_fraction=0.1",
         "--gin.prepare.num_shards={'train': 2, 'validation': 1}",
-        "--gin.ModelConfig.vocab_size=512", "--gin.ModelConfig.d_model=32",
-        "--gin.ModelConfig.num_layers=2", "--gin.ModelConfig.mlp_dim=64",
-        "--gin.ModelConfig.max_len=128", "--gin.train.num_steps=8", "--gin.train.batch_size=8",
+        *tiny_model_flags(max_len=128), "--gin.train.num_steps=8", "--gin.train.batch_size=8",
         "--gin.train.eval_every=4", "--gin.train.checkpoint_every=8",
         "--gin.train.peak_flops_per_device=1e10", "--gin.experiment.budget_batches=2"]
 TINY_EVAL = ["--gin.evaluate.openings=4", "--gin.evaluate.samples_per_prompt=2",

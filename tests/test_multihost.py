@@ -23,13 +23,12 @@ import time
 import numpy as np
 import pytest
 
+from cli_helpers import tiny_model_flags
+
 HEARTBEAT_S = 10
 COMPARED = ("loss", "z_loss", "grad_norm", "learning_rate", "eval/loss")
 COUNTED = ("tokens", "tokens/human", "tokens/ai", "tokens/quote", "tokens/tag")
-MODEL = ["--gin.ModelConfig.vocab_size=512", "--gin.ModelConfig.d_model=32",
-         "--gin.ModelConfig.num_layers=2", "--gin.ModelConfig.num_heads=4",
-         "--gin.ModelConfig.num_kv_heads=2", "--gin.ModelConfig.mlp_dim=64",
-         "--gin.ModelConfig.max_len=64"]
+MODEL = tiny_model_flags(max_len=64)
 
 
 @pytest.fixture(scope="module")

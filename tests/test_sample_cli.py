@@ -8,14 +8,13 @@ import sys
 
 import pytest
 
+from cli_helpers import tiny_model_flags
+
 from prealign_jax import tags
 
 pytestmark = pytest.mark.slow
 
-MODEL = ["--gin.ModelConfig.vocab_size=512", "--gin.ModelConfig.d_model=32",
-         "--gin.ModelConfig.num_layers=2", "--gin.ModelConfig.num_heads=4",
-         "--gin.ModelConfig.num_kv_heads=2", "--gin.ModelConfig.mlp_dim=64",
-         "--gin.ModelConfig.max_len=128"]
+MODEL = tiny_model_flags(max_len=128)
 POLICIES = [("grammar", None, []), ("assistant", "ai", []), ("human_only", "human", []),
             ("assistant_no_quotes", "ai", ["--gin_file=policies/assistant_no_quotes.gin"])]
 

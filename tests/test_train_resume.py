@@ -11,13 +11,12 @@ import time
 
 import pytest
 
+from cli_helpers import tiny_model_flags
+
 pytestmark = pytest.mark.slow
 
 TIMING_KEYS = ("tokens/s", "mfu")
-MODEL = ["--gin.ModelConfig.vocab_size=512", "--gin.ModelConfig.d_model=32",
-         "--gin.ModelConfig.num_layers=2", "--gin.ModelConfig.num_heads=4",
-         "--gin.ModelConfig.num_kv_heads=2", "--gin.ModelConfig.mlp_dim=64",
-         "--gin.ModelConfig.max_len=64"]
+MODEL = tiny_model_flags(max_len=64)
 
 
 @pytest.fixture(scope="module")
