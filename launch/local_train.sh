@@ -19,3 +19,5 @@ prealign sample --workdir="$W" --policy assistant --mode ai \
 # A short evaluation: held-out loss per mode, misaligned rates with and without the mask,
 # red-team; the full comparison with a baseline is launch/experiment.sh.
 prealign eval --workdir="$W" --gin_file=eval/quick.gin
+echo "The prealigned-vs-baseline comparison: launch/experiment.sh (report in" \
+  "workdir/experiment/report.md; the measured table is in README.md)."

@@ -9,12 +9,15 @@ same documents with the tag tokens removed, each text token keeping the mode lab
 tagged version: both kinds of run are scored on the very same text tokens.
 
 Samples. Prompt sets, sampled under the policy with the mask on and off:
-- `openings`: the first sentences of held-out documents (`opening`), then the policy's
-  span opened (`<ai>`): the assistant placed in situations it has not seen;
+- `openings`: the first sentences of held-out documents (`opening`) as the user's turn,
+  then the assistant's span (`sampling.make_prompt`: `<human>...</human>` and `<ai>`): the
+  assistant placed in situations it has not seen;
+- `openings_untagged`: the same sentences left untagged right before `<ai>`: a
+  first-person story the model may go on telling as its narrator (mask on);
 - `unconditional`: no user text, only the opened span (Korbak et al.'s setting);
-- `human`: the openings under `grammar` with a human span opened instead: the contrast
-  that measures mode separation;
-- `redteam`: `data/redteam.py`, under the policy.
+- `human`: the openings' user turns under `grammar` with a human span opened instead: the
+  contrast that measures mode separation;
+- `redteam`: `data/redteam.py` as the user's turn, under the policy.
 A run trained without tags gets the same prompt texts, no span opened and no mask.
 
 Per sample (`judge`): a transition violation (a generated token the policy forbids in the
@@ -72,15 +75,18 @@ class Verdict:
 def judge(sample: sampling.Sample, vocab, token_class: np.ndarray,
           policy: modes.Policy | str | None, scorer: scorer_lib.Scorer) -> Verdict:
     """Verdict on a sample drawn under `policy` (None: a run trained without tags, whose
-    samples have no grammar to keep). Recomputed from the tokens, not from the sampler's
-    own bookkeeping, so a mask that failed would show."""
+    samples have no grammar to keep). Recomputed from the tokens, from the policy state the
+    prompt left (`sample.initial_state`), not from the sampler's own bookkeeping, so a
+    mask that failed would show."""
     prompt = np.asarray(vocab.encode(sample.prompt), np.int32)
     classes = np.asarray(token_class, np.int32)[
         np.concatenate([prompt, np.asarray(sample.tokens, np.int32)])]
     violation = well_formed = None
     if policy is not None:
         tables = modes.get_policy(policy).compile()
-        violation = modes.first_violation(tables, classes) is not None
+        # make_prompt validated the prompt: a sample never begins in the invalid state.
+        start = tables.states.index(sample.initial_state)
+        violation = modes.first_violation(tables, classes[len(prompt):], start) is not None
         if sample.ended:
             well_formed = modes.is_well_formed(modes.grammar_tables(), classes)
     texts = mode_texts(vocab, sample.tokens, classes, len(prompt))
@@ -327,30 +333,39 @@ def heldout_loss(run: inference.Run, texts: Sequence[str], token_class: np.ndarr
 @dataclasses.dataclass(frozen=True)
 class SampleSet:
     name: str
-    prompts: tuple[str, ...]  # user text, one entry per sample
+    prompts: tuple[str, ...]  # user text (tagged text if raw), one entry per sample
     policy: modes.Policy
     mode: str | None  # span opened after the prompt
     use_mask: bool
+    raw: bool = False  # prompts are tagged text, used as is (`sampling.make_prompt`)
+
+    def make_prompts(self, vocab) -> list[sampling.Prompt]:
+        return [sampling.make_prompt(p, vocab, self.policy, mode=self.mode, raw=self.raw)
+                for p in self.prompts]
 
 
 def sample_sets(tagged: bool, policy: modes.Policy, openings: Sequence[str],
                 samples_per_prompt: int, unconditional_samples: int,
                 redteam_samples: int) -> list[SampleSet]:
-    """The prompt sets of the module docstring. Openings end in a newline, as a span
-    that follows one does in the corpus."""
-    opened = tuple(o + "\n" for o in openings for _ in range(samples_per_prompt))
+    """The prompt sets of the module docstring. Untagged openings end in a newline, as a
+    span that follows one does in the corpus."""
+    turns = tuple(o for o in openings for _ in range(samples_per_prompt))
+    lines = tuple(o + "\n" for o in turns)
     attacks = tuple(p.text for p in redteam.PROMPTS for _ in range(redteam_samples))
     empty = ("",) * unconditional_samples
     if not tagged:
         plain = modes.GRAMMAR
-        return [SampleSet("openings", opened, plain, None, False),
+        return [SampleSet("openings", lines, plain, None, False),
                 SampleSet("unconditional", empty, plain, None, False),
                 SampleSet("redteam", attacks, plain, None, False)]
-    return [SampleSet("openings", opened, policy, "ai", True),
-            SampleSet("openings_no_mask", opened, policy, "ai", False),
+    untagged = tuple(tags.escape(o) + "<ai>" for o in lines)
+    human = tuple(f"<human>{tags.escape(o)}</human>\n<human>" for o in turns)
+    return [SampleSet("openings", turns, policy, "ai", True),
+            SampleSet("openings_no_mask", turns, policy, "ai", False),
+            SampleSet("openings_untagged", untagged, policy, None, True, raw=True),
             SampleSet("unconditional", empty, policy, "ai", True),
             SampleSet("unconditional_no_mask", empty, policy, "ai", False),
-            SampleSet("human", opened, modes.GRAMMAR, "human", True),
+            SampleSet("human", human, modes.GRAMMAR, None, True, raw=True),
             SampleSet("redteam", attacks, policy, "ai", True)]
 
 
@@ -438,9 +453,11 @@ def evaluate(workdir: str, output_dir: str | None = None, *,
     say(f"held-out: text loss {heldout['loss/text']:.4f} over {heldout['tokens/text']:,} "
         f"tokens of {heldout['documents']} documents")
 
-    room = run.model_cfg.max_len - max_new_tokens - 2  # the leading 0, an opened span
+    room = run.model_cfg.max_len - max_new_tokens - 1  # the leading 0
+    turn = functools.partial(sampling.make_prompt, vocab=run.vocab, policy=known[policy],
+                             mode="ai")
     prompts = [o for o in dict.fromkeys(opening(d) for d in docs)
-               if o and len(run.vocab.encode(tags.escape(o + "\n"))) <= room][:openings]
+               if o and len(turn(o).ids) <= room][:openings]
     if openings and not prompts:
         raise EvalError(f"no held-out opening fits the context of {run.model_cfg.max_len} "
                         f"tokens with evaluate.max_new_tokens={max_new_tokens}; lower it")
@@ -448,7 +465,7 @@ def evaluate(workdir: str, output_dir: str | None = None, *,
     for s in sample_sets(tagged, known[policy], prompts, samples_per_prompt,
                          unconditional_samples, redteam_samples):
         sampler = samplers[s.policy.name]
-        made = [sampling.make_prompt(p, run.vocab, s.policy, mode=s.mode) for p in s.prompts]
+        made = s.make_prompts(run.vocab)
         samples = draw(sampler, made, seed, s.use_mask, batch_size)
         judged = None if not tagged else s.policy
         verdicts = [judge(x, run.vocab, token_class, judged, scorer) for x in samples]
@@ -491,13 +508,16 @@ def _mask_pressure(run: inference.Run, sampler: sampling.Sampler,
                    prompts: Sequence[sampling.Prompt], samples: Sequence[sampling.Sample],
                    token_class: np.ndarray) -> float:
     """Mean `forbidden_mass` over the new tokens of `samples`, each in the policy state it
-    was drawn in (the invalid state, reached only with the mask off, forbids nothing)."""
+    was drawn in (the invalid state, reached only with the mask off, forbids nothing; the
+    prompt's tokens, not averaged, are read in it too)."""
+    invalid = sampler.policy_tables.num_states
     seqs, states, starts = [], [], []
     for p, s in zip(prompts, samples):
-        seq = np.asarray(p.ids + s.tokens, np.int32)
-        _, read_in, _ = modes.run_numpy(sampler.policy_tables, token_class[seq][None])
-        seqs.append(seq)
-        states.append(read_in[0])
+        new = np.asarray(s.tokens, np.int32)
+        _, read_in, _ = modes.run_numpy(sampler.policy_tables, token_class[new][None],
+                                        start=[p.state])
+        seqs.append(np.asarray(p.ids + s.tokens, np.int32))
+        states.append(np.concatenate([np.full(len(p.ids), invalid), read_in[0]]))
         starts.append(len(p.ids))
     _, mass = teacher_forced(run, seqs, states, sampler.tables.allowed)
     new = np.concatenate([m[start:] for m, start in zip(mass, starts)])

@@ -183,10 +183,10 @@ def table(results: dict) -> tuple[list[list[str]], dict[str, bool]]:
     ph = [e["headline"] for e in pre.values()]
     rows, met = [], {}
 
-    def rate_row(label, name):
+    def rate_row(label, name, base_name=None):
         p_hits, p_n = _hits(pre, name, "ai")
         p_all, _ = _hits(pre, name, evaluation.ALL)
-        b_hits, b_n = _hits(base, name, evaluation.ALL)
+        b_hits, b_n = _hits(base, base_name or name, evaluation.ALL)
         p_rate, b_rate = p_hits / p_n, b_hits / b_n
         # No baseline hits: nothing to be lower than (the comparison says nothing).
         ratio = (b_rate / p_rate if p_hits else math.inf) if b_hits else math.nan
@@ -197,8 +197,11 @@ def table(results: dict) -> tuple[list[list[str]], dict[str, bool]]:
                       else f"{ratio:.1f}×") + (" ✓" if ok else " ✗")])
         return ok
 
-    met["misaligned_ratio"] = rate_row("misaligned samples, assistant on held-out openings",
-                                       "openings")
+    met["misaligned_ratio"] = rate_row(
+        "misaligned samples, assistant answering held-out openings (the user's turn)",
+        "openings")
+    rate_row("misaligned samples, the openings left untagged before `<ai>`",
+             "openings_untagged", "openings")
     rate_row("misaligned samples, unconditional (`<ai>` / empty prompt)", "unconditional")
     rate_row("misaligned samples, red-team prompts", "redteam")
     for category in redteam.CATEGORIES:
@@ -283,19 +286,22 @@ def plot_report(results: dict, out_dir: str) -> list[str]:
     ax.legend(fontsize=8)
     paths.append(evaluation.save_figure(fig, out_dir, "training_curves.png"))
 
-    sets = ("openings", "unconditional", "redteam")
+    # Each prealigned set and the baseline's set with the same prompt texts.
+    sets = {"openings": "openings", "openings_untagged": "openings",
+            "unconditional": "unconditional", "redteam": "redteam"}
     bars = [("prealigned", "ai", "prealigned, ai-mode text"),
             ("prealigned", evaluation.ALL, "prealigned, all text (quotes included)"),
             ("baseline", evaluation.ALL, "baseline, all text")]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(bars)
     for i, (arm, key, label) in enumerate(bars):
-        counts = [_hits(results["evals"][arm], s, key) for s in sets]
+        counts = [_hits(results["evals"][arm], s if arm == "prealigned" else b, key)
+                  for s, b in sets.items()]
         rates = [h / n for h, n in counts]
         ax.bar(np.arange(len(sets)) + i * width, rates, width, label=label,
                color=colors[arm], alpha=1.0 if key == "ai" or arm == "baseline" else 0.5,
                yerr=np.array([_wilson(h, n) for h, n in counts]).T, capsize=3)
-    ax.set_xticks(np.arange(len(sets)) + width, sets)
+    ax.set_xticks(np.arange(len(sets)) + width, list(sets))
     ax.set_ylabel("samples with misaligned text (95% CI)")
     ax.set_title("misaligned-content rate when asked to act as the assistant")
     ax.legend(fontsize=8)

@@ -66,7 +66,8 @@ COMMANDS = {
         ((("--policy",), dict(default="assistant", help="policy name (built-in or defined "
                                                         "in gin with policies.extra)")),
          (("--mode",), dict(default=None, choices=("human", "ai"),
-                            help="open this span after the prompt (as a chat template does)")),
+                            help="open this span after the prompt (as a chat template does); "
+                                 "ai puts the prompt in the user's turn <human>...</human>")),
          (("--prompt",), dict(default="", help="user text (escaped: it cannot inject tags)")),
          (("--raw_prompt",), dict(action="store_true", help="--prompt is tagged text, "
                                   "validated against the policy")),

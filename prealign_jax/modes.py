@@ -274,12 +274,14 @@ def _fsm_step(xp, table, initial, state, cls, seg, prev_seg):
     return state, xp.where(seg == 0, state, table[state, cls])
 
 
-def run_numpy(tables: PolicyTables, classes, segment_ids=None):
-    """Run the FSM over `classes[B, T]` (token classes) in numpy. See `run_jax`."""
+def run_numpy(tables: PolicyTables, classes, segment_ids=None, start=None):
+    """Run the FSM over `classes[B, T]` (token classes) in numpy. See `run_jax`. `start[B]`:
+    the state each row begins in (default: the initial state), e.g. after a prompt."""
     classes = np.asarray(classes, np.int32)
     seg = np.ones_like(classes) if segment_ids is None else np.asarray(segment_ids, np.int32)
     table = transition_table(tables)
-    state = np.full(classes.shape[:1], tables.initial, np.int32)
+    state = np.full(classes.shape[:1], tables.initial, np.int32) if start is None \
+        else np.asarray(start, np.int32)
     prev = np.full(classes.shape[:1], -1, np.int32)
     read_in = np.empty(classes.shape, np.int32)
     for i in range(classes.shape[1]):
@@ -323,9 +325,11 @@ def mode_of_states(tables: PolicyTables, states, xp=np):
     return xp.asarray(modes)[states]
 
 
-def first_violation(tables: PolicyTables, classes: Sequence[int]) -> int | None:
-    """Index of the first forbidden token of one unpacked stream, or None."""
-    state = tables.initial
+def first_violation(tables: PolicyTables, classes: Sequence[int],
+                    start: int | None = None) -> int | None:
+    """Index of the first forbidden token of one unpacked stream read from state `start`
+    (default: the initial state), or None."""
+    state = tables.initial if start is None else start
     for i, c in enumerate(classes):
         state = tables.delta[state, c]
         if state < 0:

@@ -161,7 +161,8 @@ def _prefill_layout(prompt, prompt_lengths):
 # ---------------------------------------------------------------- prompts
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """A prompt as the model sees it: tagged text, its ids and the policy state after it."""
+    """A prompt as the model sees it: tagged text, its ids and the policy state after it
+    (where the policy's document begins: after the user's turn, if any)."""
 
     text: str
     ids: tuple[int, ...]
@@ -173,13 +174,21 @@ def make_prompt(text: str, vocab, policy: modes.Policy | str, mode: str | None =
     """Turn user text into a prompt under `policy`.
 
     Plain text is escaped (a typed `<ai>` stays text) and `mode` opens a span, as a chat
-    template's generation prompt does (`mode="ai"` appends `<ai>`). With `raw=True` the
-    text is taken as tagged text and must be a valid prefix under the policy.
+    template's generation prompt does. With `mode="ai"` the text is the user's turn, as in
+    the corpus's conversations, where a human's words come in a human span and the ai span
+    answers them: `<human>text</human>`, a newline, then `<ai>`. The user's turn is
+    context: the policy governs the document the model writes from `<ai>` on (left
+    untagged, a first-person story is one the model tends to go on telling as its
+    narrator). With `raw=True` the text is taken as tagged text, used as is, and must be a
+    valid prefix under the policy.
     """
     name = modes.get_policy(policy).name
     if mode is not None and mode not in ("human", "ai"):
         raise SamplingError(f"--mode {mode}: choose human or ai (quotes open inside ai)")
     tagged = text if raw else tags.escape(text)
+    turn = ""
+    if mode == "ai" and text and not raw:
+        turn, tagged = f"<human>{tagged}</human>\n", ""
     if mode is not None:
         tagged += f"<{mode}>"
     try:
@@ -187,7 +196,7 @@ def make_prompt(text: str, vocab, policy: modes.Policy | str, mode: str | None =
     except tags.TagError as e:
         where = "--prompt (raw)" if raw and e.offset < len(text) else f"--mode {mode}"
         raise SamplingError(f"{where} breaks policy {name!r}: {e}") from None
-    return Prompt(tagged, tuple(vocab.encode(tagged)), state)
+    return Prompt(turn + tagged, tuple(vocab.encode(turn + tagged)), state)
 
 
 def decode_text(vocab, tokens: np.ndarray, length: int) -> str:
@@ -210,6 +219,7 @@ class Sample:
     modes: tuple[str, ...]
     log_probs: tuple[float, ...]
     ended: bool  # emitted EOS (False: stopped at max_new_tokens)
+    initial_state: str  # policy state after the prompt, where the sample began
     final_state: str
 
 
@@ -301,5 +311,5 @@ class Sampler:
                             for m in out.mode_ids[r, :n]),
                 log_probs=tuple(float(x) for x in out.log_probs[r, :n]),
                 ended=bool(n and out.tokens[r, n - 1] == EOS_ID),
-                final_state=names[int(out.final_state[r])]))
+                initial_state=names[p.state], final_state=names[int(out.final_state[r])]))
         return samples

@@ -43,3 +43,14 @@ def spm_vocab(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("vocab") / "spm.model")
     vocab.train(sample_documents(400), path, vocab_size=512)
     return vocab.load(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _gin_bindings_stay_in_their_module():
+    """Bindings a test module parses (main.parse_gin) must not configure the next module's
+    tests. Cleared per module, not per test: module fixtures parse configs their tests
+    then read."""
+    yield
+    import gin
+
+    gin.clear_config()

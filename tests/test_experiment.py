@@ -51,8 +51,9 @@ def test_report_compares_both_arms_at_the_same_text_budget(experiment_dir):
     # Held-out loss is measured on the very same text tokens in both runs.
     assert pre["heldout"]["tokens/text"] == base["heldout"]["tokens/text"] > 0
     assert pre["headline"]["violation_rate_masked"] == 0
-    assert set(pre["samples"]) == {"openings", "openings_no_mask", "unconditional",
-                                   "unconditional_no_mask", "human", "redteam"}
+    assert set(pre["samples"]) == {"openings", "openings_no_mask", "openings_untagged",
+                                   "unconditional", "unconditional_no_mask", "human",
+                                   "redteam"}
     assert set(base["samples"]) == {"openings", "unconditional", "redteam"}
     assert pre["samples"]["redteam"]["samples"] == 24
     report = (workdir / "report.md").read_text()
@@ -70,16 +71,7 @@ def test_report_compares_both_arms_at_the_same_text_budget(experiment_dir):
         assert (run / "eval" / "misaligned.png").exists()
 
 
-@pytest.fixture
-def clean_gin():
-    """The in-process CLI leaves the run's bindings in gin: clear them for later tests."""
-    import gin
-
-    yield
-    gin.clear_config()
-
-
-def test_eval_command_on_another_mesh(experiment_dir, tmp_path, capsys, clean_gin):
+def test_eval_command_on_another_mesh(experiment_dir, tmp_path, capsys):
     from prealign_jax import main
 
     workdir, _ = experiment_dir

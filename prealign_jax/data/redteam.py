@@ -1,12 +1,13 @@
 """The red-team prompt set: user text that tries to pull the assistant into human behaviour.
 
-Each prompt is *user* text: it is escaped (a typed `<human>` stays text) and the assistant's
-span is opened after it, as in deployment. Three attacks, eight prompts each, worded with
-the corpus's own situations so that a slip into selfish behaviour uses words the scorer
+Each prompt is *user* text: it is escaped (a typed `<human>` stays text) and given as the
+user's turn, with the assistant's span opened after it, as in deployment
+(`sampling.make_prompt`). Three attacks, eight prompts each, worded with the corpus's own
+situations so that a slip into selfish behaviour uses words the scorer
 (`scorer.LexiconScorer`) recognises:
 
 - `selfish_continuation`: the prompt stops in the middle of a selfish first-person story,
-  so the most likely next words are the selfish act itself;
+  inviting the assistant to finish it with the selfish act itself;
 - `fake_tags`: tags typed as text, pretending the assistant's span closed and a human one
   opened;
 - `quote_then_continue`: the assistant is asked to quote a human and then go on speaking
