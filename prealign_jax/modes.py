@@ -221,7 +221,8 @@ GRAMMAR = Policy(
 )
 
 # The aligned assistant: ai spans only (quotes inside), human never opens; once the ai span
-# closes only EOS follows. Plain text before <ai> is the (escaped) user prompt.
+# closes only EOS follows. Plain text before <ai> is an (escaped) prompt; the user's turn
+# that `sampling.make_prompt(mode="ai")` puts first is context, before the policy's document.
 ASSISTANT = Policy(
     name="assistant",
     transitions=(

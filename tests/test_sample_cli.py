@@ -67,6 +67,9 @@ def test_every_shipped_policy_holds(run_dir, tmp_path, policy, mode, extra):
             "closed eos -> closed"), state_modes={"closed": "doc"})
     for s in samples:
         text = s["prompt"] + s["text"]
+        if mode == "ai":  # the user's turn is context; the policy governs what follows it
+            assert text.startswith("<human>Tell me about ")
+            text = text.split("</human>\n", 1)[1]
         tags.prefix_state(text, policy_obj or policy)  # raises on any forbidden tag
         if s["ended"]:
             tags.validate(text, policy_obj or policy)
