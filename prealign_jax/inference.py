@@ -98,10 +98,10 @@ def command(args) -> None:
     if args.policy not in known:
         raise RunError(f"--policy {args.policy}: unknown; known policies: {sorted(known)} "
                        "(define more in gin with policies.extra)")
-    run = load_run(args.workdir)
     cfg = sampling.SamplingConfig(max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p)
+    run = load_run(args.workdir)
     sampler = sampling.Sampler(run.model_cfg, run.params, run.vocab, known[args.policy],
                                run.mesh, cfg)
     prompt = sampling.make_prompt(args.prompt, run.vocab, known[args.policy],

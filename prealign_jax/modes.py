@@ -189,6 +189,11 @@ def _compile(policy: Policy) -> PolicyTables:
     return tables
 
 
+def reachable_states(tables: PolicyTables) -> list[int]:
+    """The states a document under `tables` can be in, sorted."""
+    return sorted(_reachable(tables.delta, tables.initial))
+
+
 def _reachable(delta: np.ndarray, start: int) -> set[int]:
     seen, todo = {start}, [start]
     while todo:
@@ -276,14 +281,12 @@ def _fsm_step(xp, table, initial, state, cls, seg, prev_seg):
 
 
 def run_numpy(tables: PolicyTables, classes, segment_ids=None, start=None):
-    """Run the FSM over `classes[B, T]` (token classes) in numpy. See `run_jax`. `start[B]`:
-    the state each row begins in (default: the initial state), e.g. after a prompt."""
+    """Run the FSM over `classes[B, T]` in numpy; the same contract as `run_jax`."""
     classes = np.asarray(classes, np.int32)
     seg = np.ones_like(classes) if segment_ids is None else np.asarray(segment_ids, np.int32)
     table = transition_table(tables)
-    state = np.full(classes.shape[:1], tables.initial, np.int32) if start is None \
-        else np.asarray(start, np.int32)
-    prev = np.full(classes.shape[:1], -1, np.int32)
+    state = _start_states(tables, classes.shape[0], start, np)
+    prev = seg[:, 0] if classes.shape[1] else None  # None: there is no token to read
     read_in = np.empty(classes.shape, np.int32)
     for i in range(classes.shape[1]):
         read_in[:, i], state = _fsm_step(np, table, tables.initial, state, classes[:, i],
@@ -292,14 +295,16 @@ def run_numpy(tables: PolicyTables, classes, segment_ids=None, start=None):
     return mode_of_states(tables, read_in), read_in, state
 
 
-def run_jax(tables: PolicyTables, classes, segment_ids=None):
+def run_jax(tables: PolicyTables, classes, segment_ids=None, start=None):
     """Run the FSM over `classes[B, T]` with `lax.scan`; pure and jit-friendly.
 
     Returns (mode_ids[B, T], states[B, T], final_state[B]): the mode and state each token is
     *read in* (the state before it, which decided whether it was allowed) and the state after
-    the last token. A change of segment id resets a row to the initial state; segment 0
-    (padding) leaves it unchanged. A forbidden token sends the row to the absorbing invalid
-    state `tables.num_states` (mode INVALID_MODE) until its segment ends.
+    the last token. Row b begins in state `start[b]` (default: the initial state), e.g. the
+    state a prompt left; the first token continues that document. A later change of segment
+    id resets a row to the initial state; segment 0 (padding) leaves it unchanged. A
+    forbidden token sends the row to the absorbing invalid state `tables.num_states` (mode
+    INVALID_MODE) until its segment ends.
     """
     import jax
     import jax.numpy as jnp
@@ -313,11 +318,16 @@ def run_jax(tables: PolicyTables, classes, segment_ids=None):
         read_in, nxt = _fsm_step(jnp, table, tables.initial, state, *x, prev)
         return (nxt, x[1]), read_in
 
-    b = classes.shape[0]
-    init = (jnp.full((b,), tables.initial, jnp.int32), jnp.full((b,), -1, jnp.int32))
+    init = (_start_states(tables, classes.shape[0], start, jnp), seg[:, 0])
     (state, _), read_in = jax.lax.scan(body, init, (classes.T, seg.T))
     read_in = read_in.T
     return mode_of_states(tables, read_in, jnp), read_in, state
+
+
+def _start_states(tables: PolicyTables, rows: int, start, xp):
+    if start is None:
+        return xp.full((rows,), tables.initial, xp.int32)
+    return xp.broadcast_to(xp.asarray(start, xp.int32), (rows,))
 
 
 def mode_of_states(tables: PolicyTables, states, xp=np):

@@ -2,11 +2,18 @@
 
 A prompt is prefilled into the KV cache in one call, then a single `lax.while_loop`
 samples every new token: no Python runs per token. Each row carries its policy state
-(initialised by running the FSM over its prompt); before temperature, top-k and top-p, the
-logits of tokens the policy forbids in that state are set to NEG_INF, so a forbidden
-transition cannot be sampled. The tables are a static `allowed[S+1, V]` / `next_state[S+1,
-V]` pair built once per (policy, vocabulary) by `modes`; `use_mask` is a traced boolean, so
-switching the mask off (to measure what the unconstrained model does) does not retrace.
+(initialised by running the FSM over its prompt). The tables are a static `allowed[S+1, V]`
+/ `next_state[S+1, V]` pair built once per (policy, vocabulary) by `modes`; `use_mask` is a
+traced boolean, so switching the mask off (to measure what the unconstrained model does)
+does not retrace.
+
+The guarantee (`sampling_logits`): with the mask on, a token the policy forbids in a row's
+state has probability exactly 0, whatever the logits (any finite value, +-inf, NaN) and
+whatever the accepted temperature, top-k and top-p; `pad`, `unk` and ids beyond the
+vocabulary are never drawn, mask on or off. Forbidden logits are true `-inf`, written both
+before the filters (so top-k/top-p rank allowed tokens only) and after them (so no filter
+can bring one back); allowed logits are shifted so their maximum is 0 before temperature,
+so no temperature can overflow them or close the gap to a forbidden token.
 
 Sequence layout: the model was trained on seqio-style inputs (targets shifted right, a 0
 at the start of every document), so row b feeds `[0, prompt_b...]` at positions 0..len_b-1
@@ -18,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -27,8 +36,9 @@ import numpy as np
 from prealign_jax import model as model_lib, modes, partitioning, tags, vocab as vocab_lib
 from prealign_jax.errors import UserError
 
-NEG_INF = -1e7  # finite, as in T5X: an all-masked row must not turn into NaNs
-PAD_ID, EOS_ID = 0, 1
+PAD_ID, EOS_ID = vocab_lib.PAD_ID, vocab_lib.EOS_ID
+NEVER_SAMPLED = (vocab_lib.PAD_ID, vocab_lib.UNK_ID)  # ids that are never text
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6  # beyond: 0 (greedy) is the limit, or a typo
 
 
 class SamplingError(UserError):
@@ -37,7 +47,9 @@ class SamplingError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How tokens are drawn. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    """How tokens are drawn: temperature 0 (greedy) or in [MIN_TEMPERATURE,
+    MAX_TEMPERATURE]; top_k 0 (off) or a positive count; top_p in (0, 1] (1 is off).
+    NaN and infinities are refused."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -45,18 +57,31 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
+        def number(name, kind):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+                raise SamplingError(f"{name}={value!r}: must be a finite number "
+                                    f"(--{name} / evaluate.{name})")
+            return value
+
+        if number("max_new_tokens", numbers.Integral) < 1:
             raise SamplingError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
-        if self.temperature < 0:
-            raise SamplingError(f"temperature={self.temperature}: must be >= 0")
-        if self.top_k < 0:
+        t = number("temperature", numbers.Real)
+        if t != 0 and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+            raise SamplingError(
+                f"temperature={t}: must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                f"{MAX_TEMPERATURE:g}] (--temperature / evaluate.temperature)")
+        if number("top_k", numbers.Integral) < 0:
             raise SamplingError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
-        if not 0 < self.top_p <= 1:
+        if not 0 < number("top_p", numbers.Real) <= 1:
             raise SamplingError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
 
 
 class MaskTables(NamedTuple):
-    """A policy compiled for a vocabulary, with the absorbing invalid state appended."""
+    """A policy compiled for a vocabulary, with the absorbing invalid state appended.
+
+    Row S (the invalid state, reached only with the mask off) is also the row read when the
+    mask is off: it allows every id but those of `NEVER_SAMPLED` and PAD class."""
 
     allowed: Any  # [S+1, V] bool
     next_state: Any  # [S+1, V] int32
@@ -65,7 +90,15 @@ class MaskTables(NamedTuple):
     @classmethod
     def build(cls, policy: modes.Policy | str, token_class: np.ndarray) -> "MaskTables":
         tables = modes.get_policy(policy).compile()
-        return cls(*tables.for_vocab(token_class).with_invalid_state())
+        allowed, next_state, state_mode = tables.for_vocab(token_class).with_invalid_state()
+        allowed[:, list(NEVER_SAMPLED)] = False
+        allowed[-1] &= token_class != modes.PAD_CLASS
+        empty = [tables.states[s] for s in modes.reachable_states(tables)
+                 if not allowed[s].any()]
+        if empty:
+            raise SamplingError(f"policy {tables.name!r}: no id of this vocabulary is "
+                                f"allowed in state(s) {empty}; use the run's own vocabulary")
+        return cls(allowed, next_state, state_mode)
 
 
 class SampleOutput(NamedTuple):
@@ -80,21 +113,34 @@ StepFn = Callable[..., tuple[Any, Any]]
 """step_fn(params, cache, tokens[B,T], positions[B,T], segment_ids[B,T]) -> (logits, cache)"""
 
 
-def _filter_logits(logits, cfg: SamplingConfig):
-    """Temperature, then top-k, then top-p (nucleus) on already-masked logits."""
+def sampling_logits(logits, allowed, cfg: SamplingConfig):
+    """The logits a row's token is drawn from: `-inf` exactly where `allowed` is False.
+
+    NaN counts as -inf. If an allowed logit is +inf, the +inf allowed tokens share the
+    probability evenly; if every allowed logit is -inf or NaN, all allowed tokens do (the
+    defined result for a degenerate row). Otherwise allowed logits are shifted so their
+    maximum is 0, then temperature, top-k and top-p (nucleus) apply, ranking allowed tokens
+    only. Every row keeps at least one allowed token with logit 0 before the filters.
+    """
+    neg_inf = jnp.float32(-jnp.inf)
+    x = jnp.where(allowed & ~jnp.isnan(logits), logits.astype(jnp.float32), neg_inf)
+    certain = x == jnp.inf
+    x = jnp.where(certain.any(-1, keepdims=True), jnp.where(certain, 0.0, neg_inf), x)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    x = jnp.where(top == neg_inf, jnp.where(allowed, 0.0, neg_inf), x - top)
     if cfg.temperature > 0:
-        logits = logits / cfg.temperature
+        x = x / cfg.temperature
     if cfg.top_k:
-        kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, NEG_INF, logits)
+        kth = jax.lax.top_k(x, min(cfg.top_k, x.shape[-1]))[0][:, -1:]
+        x = jnp.where(x < kth, neg_inf, x)
     if cfg.top_p < 1:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_x, axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always).
         keep = jnp.cumsum(probs, axis=-1) - probs < cfg.top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, NEG_INF, logits)
-    return logits
+        cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x < cutoff, neg_inf, x)
+    return jnp.where(allowed, x, neg_inf)  # whatever the filters did: the guarantee
 
 
 def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
@@ -109,7 +155,10 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
     logits, cache = step_fn(params, cache, prompt, *_prefill_layout(prompt, prompt_lengths))
     vocab = logits.shape[-1]
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    never = jnp.arange(vocab) == PAD_ID
+    if tables is None:
+        unmasked = ~jnp.isin(jnp.arange(vocab), jnp.array(NEVER_SAMPLED))
+    else:  # the invalid state's row: what is allowed when the mask is off
+        invalid = tables.allowed.shape[0] - 1
 
     def cond(carry):
         i, *_, done, _ = carry
@@ -118,10 +167,11 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
     def body(carry):
         i, logits, cache, state, out, done, rng = carry
         rng, key = jax.random.split(rng)
-        allowed = ~never
-        if tables is not None:
-            allowed &= tables.allowed[state] | ~use_mask
-        logits = _filter_logits(jnp.where(allowed, logits, NEG_INF), cfg)
+        if tables is None:
+            allowed = unmasked
+        else:
+            allowed = tables.allowed[jnp.where(use_mask, state, invalid)]
+        logits = sampling_logits(logits, allowed, cfg)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         if cfg.temperature > 0:
             token = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
@@ -200,9 +250,8 @@ def make_prompt(text: str, vocab, policy: modes.Policy | str, mode: str | None =
 
 
 def decode_text(vocab, tokens: np.ndarray, length: int) -> str:
-    """Tagged text of one row's new tokens (EOS dropped)."""
-    ids = [int(t) for t in tokens[:length] if t not in (PAD_ID, EOS_ID)]
-    return vocab.decode(ids)
+    """Tagged text of one row's new tokens (EOS dropped), faithful to their modes."""
+    return vocab_lib.decode_tagged(vocab, tokens[:length])
 
 
 def _round_up(n: int, multiple: int) -> int:

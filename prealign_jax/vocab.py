@@ -10,6 +10,9 @@ Conventions (tested in tests/test_vocab.py):
   spaces are kept, and `decode(encode(x)) == x` for every tagged text x. The one exception
   is U+2581 itself (SentencePiece's space symbol), which decodes as a space.
 - Byte fallback: characters unseen in training become byte pieces, never `unk`.
+- Decoding model output (`decode_tagged`) is faithful: only tag *ids* become tags. Text
+  pieces that happen to spell a tag (`<`, `ai`, `>`) decode escaped, as `tags.escape`
+  writes untrusted text, so `tags.parse` reads back exactly the ids' modes.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
-from prealign_jax import modes, tf_cpu
+from prealign_jax import modes, tags, tf_cpu
 from prealign_jax.errors import UserError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -99,6 +102,27 @@ def tag_ids(vocab) -> dict[str, int]:
     """Id of each tag in a vocabulary loaded with `load`."""
     sp = vocab.tokenizer
     return {tag: sp.piece_to_id(tag) for tag in modes.TAGS}
+
+
+def decode_tagged(vocab, ids: Iterable[int]) -> str:
+    """Tagged text of token ids: each tag id as its tag, each maximal run of text ids
+    decoded and escaped (`tags.escape`); PAD and EOS dropped."""
+    tag_of = {i: tag for tag, i in tag_ids(vocab).items()}
+    out, run = [], []
+
+    def flush():
+        if run:
+            out.append(tags.escape(vocab.decode(run)))
+            run.clear()
+
+    for i in map(int, ids):
+        if i in tag_of:
+            flush()
+            out.append(tag_of[i])
+        elif i not in (PAD_ID, EOS_ID):
+            run.append(i)
+    flush()
+    return "".join(out)
 
 
 def token_classes(vocab) -> np.ndarray:

@@ -122,6 +122,45 @@ def test_numpy_and_jax_runners_agree(batch):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+_run_jax_from = jax.jit(lambda c, s, start: modes.run_jax(GRAMMAR, c, s, start))
+
+
+@settings(max_examples=100, deadline=None)
+@given(packed_batch(), st.data())
+def test_runners_continue_from_start_and_agree(batch, data):
+    """Row b reads its first segment from `start[b]` (as after a prompt), then resets at
+    each new segment; both runners agree, and stepping the table by hand gives the same."""
+    classes, segs = batch
+    start = np.array(data.draw(st.lists(st.integers(0, GRAMMAR.num_states),
+                                        min_size=len(classes), max_size=len(classes))),
+                     np.int32)
+    np_out = modes.run_numpy(GRAMMAR, classes, segs, start)
+    for a, b in zip(np_out, _run_jax_from(classes, segs, start)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    table = modes.transition_table(GRAMMAR)
+    for r in range(len(classes)):
+        state, prev = start[r], segs[r, 0]
+        for i, (c, seg) in enumerate(zip(classes[r], segs[r])):
+            if seg != prev and seg != 0:
+                state = GRAMMAR.initial
+            prev = seg
+            assert np_out[1][r, i] == state
+            state = state if seg == 0 else table[state, c]
+        assert np_out[2][r] == state
+
+
+def test_start_state_is_honoured_under_assistant():
+    """The issue's case: from `ai`, text, text, </ai>, eos reads in ai, ai, ai, closed."""
+    tables = modes.ASSISTANT.compile()
+    ai, closed = tables.states.index("ai"), tables.states.index("closed")
+    classes = [[modes.TEXT, modes.TEXT, modes.TAG_CLASS["</ai>"], modes.EOS_CLASS]]
+    mode_ids, states, final = modes.run_numpy(tables, classes, start=[ai])
+    assert states[0].tolist() == [ai, ai, ai, closed] and final.tolist() == [closed]
+    assert [modes.MODES[m] for m in mode_ids[0]] == ["ai", "ai", "ai", "doc"]
+    jax_states = modes.run_jax(tables, np.array(classes), start=np.array([ai]))[1]
+    assert np.asarray(jax_states).tolist() == states.tolist()
+
+
 @settings(max_examples=100, deadline=None)
 @given(packed_batch())
 def test_each_segment_is_read_as_a_fresh_document(batch):

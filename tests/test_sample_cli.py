@@ -88,7 +88,10 @@ def test_sampling_on_another_mesh_and_unmasked(run_dir, tmp_path):
 
 def test_bad_policy_and_prompt_are_one_line_errors(run_dir):
     for args, needle in ((["--policy=nope"], "unknown; known policies"),
-                         (["--prompt=<ai>x</ai><human>", "--raw_prompt"], "breaks policy 'assistant'")):
+                         (["--prompt=<ai>x</ai><human>", "--raw_prompt"], "breaks policy 'assistant'"),
+                         (["--temperature=inf"], "temperature=inf: must be a finite number"),
+                         (["--temperature=nan"], "temperature=nan: must be a finite number"),
+                         (["--top_p=nan"], "top_p=nan: must be a finite number")):
         proc = subprocess.run([sys.executable, "-m", "prealign_jax.main", "sample",
                                f"--workdir={run_dir}", *args], env=env(),
                               capture_output=True, text=True, timeout=300)

@@ -108,7 +108,7 @@ def full_forward_greedy(cfg, params, prompt_ids, n):
         tokens[0, :len(seq)] = seq
         logits = forward(tokens, (np.arange(width)[None] < len(seq)).astype(np.int32))
         last = np.array(logits[0, len(seq) - 1])
-        last[sampling.PAD_ID] = -np.inf
+        last[list(sampling.NEVER_SAMPLED)] = -np.inf
         tok = int(np.argmax(last))
         out.append(tok)
         seq.append(tok)
@@ -168,14 +168,6 @@ def test_log_probs_are_of_the_sampled_distribution(setup, spm_vocab):
                 np.testing.assert_allclose(lp, 0.0, atol=1e-6)
             else:  # (a token the policy forces, like EOS after </ai>, has log-prob 0)
                 assert (lp <= 1e-6).all() and (lp < -1e-3).any() and (lp > -50).all()
-
-
-def test_top_p_keeps_the_nucleus():
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    out = sampling._filter_logits(logits, sampling.SamplingConfig(top_p=0.7))
-    assert (np.asarray(out[0]) > -1e6).tolist() == [True, True, False, False]
-    out = sampling._filter_logits(logits, sampling.SamplingConfig(top_k=1))
-    assert (np.asarray(out[0]) > -1e6).tolist() == [True, False, False, False]
 
 
 def test_plain_prompts_cannot_inject_tags(spm_vocab):

@@ -57,6 +57,67 @@ def test_escaped_text_never_yields_a_tag_id(spm_vocab, raw):
         assert tags.unescape(spm_vocab.decode(ids)) == text.replace("\u2581", " ")
 
 
+# Text fragments that spell tags or parts of tags when run together, look-alikes included.
+SPELLERS = ["<", "</", ">", "/>", "/", "ai", "human", "quote", "redacted", "ai>", "/ai>",
+            "human>", "quote>", "redacted/>", tags.JOINER, "\uff1c", "\u2039", "\ufe64",
+            "x", " ", "\n", "word"]
+
+
+def collapse(classes):
+    """Class sequence with runs of text merged: what `tags.pieces` sees of a text."""
+    out = []
+    for c in classes:
+        if not (c == modes.TEXT and out and out[-1] == modes.TEXT):
+            out.append(int(c))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(SPELLERS), st.sampled_from(modes.TAGS),
+                          st.integers(0, 10**6)), max_size=40))
+def test_decoded_text_reparses_to_the_ids_modes(spm_vocab, parts):
+    """Random id sequences, text runs spelling every tag among them: the decoded text holds
+    a tag exactly where an id was a tag, its text runs unescape to the ids' text, and the
+    grammar reads the same states from it as from the ids."""
+    ids_of = vocab.tag_ids(spm_vocab)
+    ids = []
+    for part in parts:
+        if isinstance(part, int):  # any text id
+            ids.append(3 + part % (spm_vocab.vocab_size - 3))
+        elif part in ids_of:
+            ids.append(ids_of[part])
+        else:  # the text's pieces, not the tag: SentencePiece would extract a whole tag
+            ids += spm_vocab.encode(part)
+    text = vocab.decode_tagged(spm_vocab, ids + [vocab.EOS_ID])
+    classes = vocab.token_classes(spm_vocab)[ids]
+    assert tags.token_classes(text).tolist() == collapse(classes)
+    runs = [p for _, p, is_tag in tags.pieces(text) if not is_tag]
+    id_runs, run = [], []
+    for i, c in zip(ids + [None], list(classes) + [None]):
+        if c == modes.TEXT:
+            run.append(i)
+        elif run:
+            id_runs.append(spm_vocab.decode(run))
+            run = []
+    assert [tags.unescape(r) for r in runs] == id_runs
+    grammar = modes.grammar_tables()
+    by_ids = modes.run_numpy(grammar, classes[None])[2][0] if ids else grammar.initial
+    by_text = modes.run_numpy(grammar, tags.token_classes(text)[None])[2][0] if text \
+        else grammar.initial
+    assert by_ids == by_text
+    if modes.is_well_formed(grammar, classes):
+        tags.validate(text)
+
+
+def test_text_spelling_a_tag_decodes_escaped(spm_vocab):
+    ids = spm_vocab.encode("<") + spm_vocab.encode("ai>") + spm_vocab.encode(" hi")
+    assert spm_vocab.decode(ids) == "<ai> hi"  # what a naive decode shows a parser
+    assert vocab.decode_tagged(spm_vocab, ids) == f"<{tags.JOINER}ai> hi"
+    ai = vocab.tag_ids(spm_vocab)["<ai>"]
+    assert vocab.decode_tagged(spm_vocab, [ai] + ids + [vocab.EOS_ID]) == \
+        f"<ai><{tags.JOINER}ai> hi"
+
+
 def test_tensorflow_encoding_matches_python(spm_vocab):
     tf = pytest.importorskip("tensorflow")
     for doc in sample_documents(5, seed=1):
