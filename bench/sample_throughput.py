@@ -13,6 +13,11 @@ allows text, so HF's min_new_tokens never meets an all-masked row), prompt
 while loop x batch, so rows that end early do not flatter the figure).
 
     python bench/sample_throughput.py [--configs tiny,small] [--batches 1,8]
+    python bench/sample_throughput.py --configs tiny --batches 1,8 --no_hf --profile /tmp/p
+
+--profile traces two calls of the masked loop and adds "profile_top": the ops that took the
+most time per *decode step* (the call's time divided by its steps), as [seconds, share,
+kind, shape, source].
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def token_classes(vocab_size: int) -> np.ndarray:
     return classes
 
 
-def bench_ours(cfg, batch, new_tokens, repeats):
+def bench_ours(cfg, batch, new_tokens, repeats, profile=""):
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
     params = model_lib.Decoder(cfg).init(
         jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
@@ -73,8 +78,23 @@ def bench_ours(cfg, batch, new_tokens, repeats):
             steps = int(np.asarray(out.lengths).max())
             per_step[masked].append((time.perf_counter() - t0) / steps)
     masked = statistics.median(per_step[True])
+    extra = {}
+    if profile:
+        from profiling import profile_top
+
+        compiled = runs[True].lower(*args, jax.random.key(0, impl="rbg"),
+                                    jnp.asarray(True)).compile()
+
+        def run_calls(n):
+            for r in range(n):
+                jax.block_until_ready(compiled(*args, jax.random.key(r, impl="rbg"),
+                                               jnp.asarray(True)))
+
+        top = profile_top(run_calls, compiled.as_text(),
+                          os.path.join(profile, f"{cfg.d_model}_{batch}"))
+        extra["profile_top"] = [[round(t / new_tokens, 7), *rest] for t, *rest in top]
     return dict(tokens_per_s=batch / masked, compile_s=compile_s,
-                mask_overhead_ratio=masked / statistics.median(per_step[False]))
+                mask_overhead_ratio=masked / statistics.median(per_step[False]), **extra)
 
 
 def bench_hf(cfg, batch, new_tokens, repeats):
@@ -129,11 +149,13 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no_hf", action="store_true", help="skip the transformers peer")
+    parser.add_argument("--profile", default="",
+                        help="trace the masked loop into this folder; add the top ops")
     args = parser.parse_args()
     for name in args.configs.split(","):
         cfg = model_lib.ModelConfig(**CONFIGS[name])
         for batch in map(int, args.batches.split(",")):
-            ours = bench_ours(cfg, batch, args.new_tokens, args.repeats)
+            ours = bench_ours(cfg, batch, args.new_tokens, args.repeats, args.profile)
             hf = None if args.no_hf else bench_hf(cfg, batch, args.new_tokens,
                                                   max(2, args.repeats // 2))
             print(json.dumps(dict(
@@ -143,7 +165,9 @@ def main():
                 compile_s=round(ours["compile_s"], 2),
                 hf_tokens_per_s=None if hf is None else round(hf, 1),
                 speedup_vs_hf=None if hf is None else round(ours["tokens_per_s"] / hf, 2),
-                backend=jax.default_backend())), flush=True)
+                backend=jax.default_backend(),
+                **({"profile_top": ours["profile_top"]} if args.profile else {}))),
+                flush=True)
 
 
 if __name__ == "__main__":
