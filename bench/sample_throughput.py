@@ -66,15 +66,15 @@ def bench_ours(cfg, batch, new_tokens, repeats, profile=""):
     runs = {masked: sampling._compiled_decode(cfg, scfg, mesh, batch, 16, masked=masked)
             for masked in (True, False)}
     t0 = time.perf_counter()
-    jax.block_until_ready(runs[True](*args, jax.random.key(0, impl="rbg"), jnp.asarray(True)))
+    jax.block_until_ready(runs[True](*args, sampling.sampling_key(0), jnp.asarray(True)))
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(runs[False](*args, jax.random.key(0, impl="rbg"), jnp.asarray(True)))
+    jax.block_until_ready(runs[False](*args, sampling.sampling_key(0), jnp.asarray(True)))
     per_step = {True: [], False: []}
     for r in range(repeats):
         for masked in (True, False):  # interleaved: drift hits both alike
             t0 = time.perf_counter()
             out = jax.block_until_ready(
-                runs[masked](*args, jax.random.key(r, impl="rbg"), jnp.asarray(True)))
+                runs[masked](*args, sampling.sampling_key(r), jnp.asarray(True)))
             steps = int(np.asarray(out.lengths).max())
             per_step[masked].append((time.perf_counter() - t0) / steps)
     masked = statistics.median(per_step[True])
@@ -82,12 +82,12 @@ def bench_ours(cfg, batch, new_tokens, repeats, profile=""):
     if profile:
         from profiling import profile_top
 
-        compiled = runs[True].lower(*args, jax.random.key(0, impl="rbg"),
+        compiled = runs[True].lower(*args, sampling.sampling_key(0),
                                     jnp.asarray(True)).compile()
 
         def run_calls(n):
             for r in range(n):
-                jax.block_until_ready(compiled(*args, jax.random.key(r, impl="rbg"),
+                jax.block_until_ready(compiled(*args, sampling.sampling_key(r),
                                                jnp.asarray(True)))
 
         top = profile_top(run_calls, compiled.as_text(),

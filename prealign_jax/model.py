@@ -35,7 +35,11 @@ ACT_HEADS = ("batch", "length", "heads", "kv")
 ACT_KV_HEADS = ("batch", "length", "kv_heads", "kv")
 ACT_MLP = ("batch", "length", "mlp")
 ACT_VOCAB = ("batch", "length", "vocab")
-CACHE_AXES = ("batch", "length", "kv_heads", "kv")
+# The KV cache in the layouts the decode attention's two dots read without a copy: keys
+# [B, KV, hd, S] (contracted over hd), values [B, KV, S, hd] (contracted over S).
+CACHE_KEY_AXES = ("batch", "kv_heads", "kv", "length")
+CACHE_VALUE_AXES = ("batch", "kv_heads", "length", "kv")
+CACHE_SEGMENT_AXES = ("batch", "length")
 
 
 class ConfigError(UserError):
@@ -54,7 +58,8 @@ class ModelConfig:
     fastest on CPU), "einsum" (explicit [T, T] scores), "xla" / "cudnn"
     (jax.nn.dot_product_attention with that implementation); "auto" picks "blocked" on
     CPU, "cudnn" on GPU in bf16/fp16 and "xla" elsewhere (set "xla" on ROCm). Decoding
-    with a cache uses masked einsum (CPU) or XLA.
+    with a cache uses `cached_attention` whatever the setting, reading the cache in
+    chunks of `decode_chunk` slots up to the live length.
     """
 
     vocab_size: int
@@ -72,6 +77,7 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = False
     attention: str = "auto"
+    decode_chunk: int = 512
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -84,6 +90,8 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig head_dim={self.dims_per_head} must be even (RoPE)")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"ModelConfig.remat={self.remat!r}: use one of {REMAT_POLICIES}")
+        if self.decode_chunk < 1:
+            raise ConfigError(f"ModelConfig.decode_chunk={self.decode_chunk}: must be >= 1")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"ModelConfig.attention={self.attention!r}: use one of "
                               f"{ATTENTION_IMPLS}")
@@ -240,6 +248,60 @@ def causal_attention(q, k, v, segment_ids, impl: str):
     return attend(q, k, v, same_segment & jnp.tril(jnp.ones((t, t), bool)), impl)
 
 
+def cached_attention(q, k_cache, v_cache, seg_cache, q_segments, index, chunk: int):
+    """Attention of T new queries over a KV cache, flash-decoding style.
+
+    q[B,T,H,hd] sits at cache slots index..index+T-1; k_cache[B,KV,hd,S],
+    v_cache[B,KV,S,hd] and seg_cache[B,S] hold what was written so far. Query t sees slots
+    s <= index + t whose segment id equals its own (so padding and finished rows stay
+    apart); every query sees at least its own slot. A cache of more than `chunk` slots is
+    read in chunks up to the live length only, with an online softmax: a step costs
+    O(slots written), not O(S)."""
+    b, t, h, hd = q.shape
+    kv, s_len = k_cache.shape[1], k_cache.shape[3]
+    q = q.reshape(b, t, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, hd]
+    q = q * jnp.asarray(hd ** -0.5, q.dtype)
+    q_slot = index + jnp.arange(t)
+    neg_inf = jnp.float32(-jnp.inf)
+
+    def scores_of(k, seg, slots):
+        mask = (slots[None] <= q_slot[:, None])[None] & (seg[:, None, :] == q_segments[:, :, None])
+        scores = jnp.einsum("bkgtd,bkdc->bkgtc", q, k, preferred_element_type=jnp.float32)
+        return jnp.where(mask[:, None, None], scores, neg_inf)  # mask [B, T, C]
+
+    def values(p, v):
+        return jnp.einsum("bkgtc,bkcd->bkgtd", p.astype(v.dtype), v,
+                          preferred_element_type=jnp.float32)
+
+    if s_len <= chunk:  # one block: no loop, no slicing
+        scores = scores_of(k_cache, seg_cache, jnp.arange(s_len))
+        p = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+        out = values(p, v_cache) / p.sum(axis=-1)[..., None]
+    else:
+        def body(c, carry):
+            m, denom, acc = carry  # [B, KV, G, T] twice, [B, KV, G, T, hd]; float32
+            start = jnp.minimum(c * chunk, s_len - chunk)  # the last chunk may overlap
+            slots = start + jnp.arange(chunk)
+            scores = scores_of(jax.lax.dynamic_slice_in_dim(k_cache, start, chunk, axis=3),
+                               jax.lax.dynamic_slice_in_dim(seg_cache, start, chunk, axis=1),
+                               slots)
+            scores = jnp.where(slots >= c * chunk, scores, neg_inf)  # not read twice
+            m_new = jnp.maximum(m, scores.max(axis=-1))
+            base = jnp.where(m_new == neg_inf, 0.0, m_new)  # nothing visible yet in the row
+            p = jnp.exp(scores - base[..., None])
+            scale = jnp.exp(m - base)
+            v = jax.lax.dynamic_slice_in_dim(v_cache, start, chunk, axis=2)
+            return (m_new, denom * scale + p.sum(axis=-1),
+                    acc * scale[..., None] + values(p, v))
+
+        init = (jnp.full(q.shape[:-1], neg_inf), jnp.zeros(q.shape[:-1], jnp.float32),
+                jnp.zeros(q.shape, jnp.float32))
+        live_chunks = (index + t + chunk - 1) // chunk
+        _, denom, acc = jax.lax.fori_loop(0, live_chunks, body, init)
+        out = acc / denom[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(v_cache.dtype)
+
+
 # ---------------------------------------------------------------- blocked attention
 # Flash-attention's algorithm in plain jnp, for XLA:CPU, where the elementwise passes over
 # [B, H, T, T] cost more than the matmuls: query block i only meets keys [0, (i+1)·c)
@@ -356,31 +418,38 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ACT_KV_HEADS)
         v = nn.with_logical_constraint(dense(x, wv), ACT_KV_HEADS)
 
-        impl = _attention_impl(cfg)
         if self.decode:
-            k, v, mask = self._update_cache(k, v, positions, segment_ids)
-            out = attend(q, k, v, mask, "xla" if impl in ("xla", "cudnn") else "einsum")
+            out = self._cached_attention(q, k, v, segment_ids)
         else:
-            out = causal_attention(q, k, v, segment_ids, impl)
+            out = causal_attention(q, k, v, segment_ids, _attention_impl(cfg))
         out = nn.with_logical_constraint(out, ACT_HEADS)
         return dense(out, wo, in_dims=2)
 
-    def _update_cache(self, k, v, positions, segment_ids):
-        """Write the new keys/values at their rows' positions; return the whole cache and
-        the mask "key slot <= query position". Padding tokens (segment 0) are not written,
-        so prompts may be left- or right-aligned."""
-        b, _, kv, hd = k.shape
+    def _cached_attention(self, q, k, v, segment_ids):
+        """Append the T new keys/values (and segment ids) to the cache at the shared slot
+        `cache_index` — one in-place dynamic_update_slice for the whole batch, whatever
+        each row's position — then attend over the slots written so far."""
+        b, t, kv, hd = k.shape
         # Created only by init (init_cache): the cache length is the init input's length.
-        zeros = nn.with_logical_partitioning(jnp.zeros, CACHE_AXES)
-        cached_k = self.variable("cache", "cached_key", zeros, k.shape, k.dtype)
-        cached_v = self.variable("cache", "cached_value", zeros, v.shape, v.dtype)
-        max_len = cached_k.value.shape[1]
-        slot = jnp.where(segment_ids > 0, positions, max_len)  # out of range -> dropped
-        rows = jnp.arange(b)[:, None]
-        cached_k.value = cached_k.value.at[rows, slot].set(k, mode="drop")
-        cached_v.value = cached_v.value.at[rows, slot].set(v, mode="drop")
-        mask = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]
-        return cached_k.value, cached_v.value, mask
+        s_len = segment_ids.shape[1]
+        zeros = lambda axes: nn.with_logical_partitioning(jnp.zeros, axes)
+        cached_k = self.variable("cache", "cached_key", zeros(CACHE_KEY_AXES),
+                                 (b, kv, hd, s_len), k.dtype)
+        cached_v = self.variable("cache", "cached_value", zeros(CACHE_VALUE_AXES),
+                                 (b, kv, s_len, hd), v.dtype)
+        cached_seg = self.variable("cache", "cached_segment", zeros(CACHE_SEGMENT_AXES),
+                                   (b, s_len), jnp.int32)
+        index = self.variable("cache", "cache_index", zeros(()), (), jnp.int32)
+        i = index.value
+        dtype = cached_k.value.dtype
+        cached_k.value = jax.lax.dynamic_update_slice(
+            cached_k.value, k.transpose(0, 2, 3, 1).astype(dtype), (0, 0, 0, i))
+        cached_v.value = jax.lax.dynamic_update_slice(
+            cached_v.value, v.transpose(0, 2, 1, 3).astype(dtype), (0, 0, i, 0))
+        cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids, (0, i))
+        index.value = i + t
+        return cached_attention(q, cached_k.value, cached_v.value, cached_seg.value, segment_ids,
+                                i, self.cfg.decode_chunk)
 
 
 class Mlp(nn.Module):
@@ -430,13 +499,15 @@ class Decoder(nn.Module):
     """tokens[B,T], positions[B,T], segment_ids[B,T] -> logits[B,T,V] float32.
 
     Decoding (`decode=True`, variables include a "cache" collection from `init_cache`,
-    applied with mutable=["cache"]): the T >= 1 new tokens of row b are written to the
-    cache at `positions[b]` and attend to every cache slot <= their position. A prefill is
-    one call with the whole prompt, then one token per call. Each row's positions must
-    cover 0..p without gaps over the calls; tokens with segment_id 0 (padding) are skipped,
-    so a batch of prompts may be left-aligned (padding first) or right-aligned (padding
-    last: the next token then goes to each row's own next position, overwriting the
-    ignored slots). Attention in decode mode looks at the whole cache length.
+    applied with mutable=["cache"]): each call appends its T >= 1 tokens per row to the
+    cache at the next free slots, the same slots for every row (one in-place update), and
+    they attend to the slots written before them with their own segment id. `positions`
+    only drive RoPE: a row's positions must cover 0..p without gaps over its real tokens,
+    and tokens with segment_id 0 (padding) are written but never attended to by real ones,
+    so a batch of prompts may be left- or right-aligned (right: a row's next token takes
+    its own next *position* at the batch's next *slot*). A prefill is one or more calls
+    with the prompt, then one token per call; at most the cache length in slots in all.
+    Attention in decode mode costs O(slots written so far) (`cached_attention`).
     """
 
     cfg: ModelConfig
@@ -489,9 +560,11 @@ def abstract_cache(cfg: ModelConfig, batch: int, max_len: int) -> Any:
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Any:
     """The zero KV cache for `batch` rows of up to `max_len` tokens: the "cache"
-    collection, {layers_i: {attention: {cached_key, cached_value}}} with leaves
-    [batch, max_len, num_kv_heads, head_dim] in the compute dtype (scan_layers: one
-    "layers" entry with a leading num_layers axis). Pass it as `{"params": ..., "cache":
+    collection, {layers_i: {attention: {cached_key, cached_value, cached_segment,
+    cache_index}}}: keys [batch, num_kv_heads, head_dim, max_len] and values [batch,
+    num_kv_heads, max_len, head_dim] in the compute dtype, segment ids [batch, max_len]
+    and the next free slot (scan_layers: one "layers"
+    entry with a leading num_layers axis). Pass it as `{"params": ..., "cache":
     cache}` to `Decoder.apply(..., decode=True, mutable=["cache"])`; to place it on a mesh,
     `jax.device_put(cache, partitioning.param_shardings(abstract_cache(...), mesh))`."""
     if max_len > cfg.max_len:

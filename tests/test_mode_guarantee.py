@@ -138,7 +138,7 @@ def test_no_forbidden_token_for_any_logits_or_temperature(spm_vocab, token_class
             jnp.ones((batch,), jnp.int32), start, sampling.MaskTables(*tables), key,
             use_mask, cfg=cfg))
         out = jax.tree.map(np.asarray, run(
-            (kind, jax.random.key(i)), tuple(mask), start, jax.random.key(i, impl="rbg"),
+            (kind, jax.random.key(i)), tuple(mask), start, sampling.sampling_key(i),
             jnp.asarray(use_mask)))
         n = check_rows(spm_vocab, token_class, tables, out, start, use_mask)
         checked += n if use_mask else 0

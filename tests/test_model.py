@@ -235,7 +235,8 @@ def _greedy_recompute(cfg, params, prompt, steps):
 
 
 @pytest.mark.parametrize("kw", [{}, {"scan_layers": True, "remat": "full"},
-                                {"tie_embeddings": True, "num_kv_heads": 1}])
+                                {"tie_embeddings": True, "num_kv_heads": 1},
+                                {"decode_chunk": 3}, {"decode_chunk": 4, "scan_layers": True}])
 def test_cached_greedy_decode_equals_recomputation(kw):
     cfg = dataclasses.replace(CFG, max_len=16, **kw)
     params = _params(cfg, seed=3)
@@ -251,11 +252,13 @@ def test_cached_greedy_decode_equals_recomputation(kw):
 def test_init_cache_shape_and_logical_axes():
     cfg = dataclasses.replace(CFG, dtype="bfloat16", scan_layers=True)
     cache = M.init_cache(cfg, batch=3, max_len=16)
-    leaf = cache["layers"]["attention"]["cached_key"]
-    assert leaf.shape == (2, 3, 16, 2, 8) and leaf.dtype == jnp.bfloat16
+    layer = cache["layers"]["attention"]
+    leaf = layer["cached_key"]
+    assert leaf.shape == (2, 3, 2, 8, 16) and leaf.dtype == jnp.bfloat16
     assert not leaf.any()
+    assert layer["cached_segment"].shape == (2, 3, 16) and layer["cache_index"].shape == (2,)
     boxed = M.abstract_cache(cfg, 3, 16)["layers"]["attention"]["cached_value"]
-    assert boxed.names == ("layers",) + M.CACHE_AXES
+    assert boxed.names == ("layers",) + M.CACHE_VALUE_AXES
     with pytest.raises(UserError, match="max_len"):
         M.init_cache(cfg, batch=3, max_len=CFG.max_len + 1)
 

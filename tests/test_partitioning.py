@@ -113,6 +113,6 @@ def test_cache_shardings_follow_logical_axes():
     abstract = M.abstract_cache(CFG, batch=4, max_len=16)
     shardings = partitioning.param_shardings(abstract, mesh)
     spec = shardings["layers_0"]["attention"]["cached_key"].spec
-    assert spec == P(("data", "fsdp"), None, "tensor", None)
+    assert spec == P(("data", "fsdp"), "tensor", None, None)
     cache = jax.device_put(M.init_cache(CFG, 4, 16), shardings)
     assert cache["layers_1"]["attention"]["cached_value"].sharding.spec == spec
