@@ -1,18 +1,21 @@
 """Decode throughput of the masked sampler, its mask overhead, and a Hugging Face peer.
 
-Prints one JSON object per (config, batch): tokens_per_s (new tokens, all rows), the mask
-overhead (time per decode step of the masked loop ÷ the same loop compiled without any mode
-machinery, medians of --repeats interleaved runs in one process),
-and hf_tokens_per_s: `transformers` `generate` on a LlamaForCausalLM of the same dimensions
-with an equivalent state-tracking mode-mask LogitsProcessor (optional: pip install
-.[bench]; reported as null when torch/transformers are missing).
+Prints one JSON object per (config, batch): step_ms (one decode step of the whole batch),
+tokens_per_s (new tokens, all rows), the mask overhead (time per decode step of the masked
+loop ÷ the same loop compiled without any mode machinery, medians of --repeats interleaved
+runs in one process), and, at the --hf_batches, hf_tokens_per_s: `transformers` `generate`
+on a LlamaForCausalLM of the same dimensions with an equivalent state-tracking mode-mask
+LogitsProcessor (optional: pip install .[bench]; null when torch/transformers are missing).
+Then one object per --lengths entry (config small, batch 8): the step time with a cache of
+that many slots (a prompt of length - 80 tokens; (time of 80 new tokens - time of 16) / 64
+steps, so the prefill cancels out).
 
 Both sides: random weights, sampling at temperature 1, the `grammar` policy (every state
 allows text, so HF's min_new_tokens never meets an all-masked row), prompt
 `<ai>`, exactly --new_tokens steps (HF: min_new_tokens = max_new_tokens; ours: steps of the
 while loop x batch, so rows that end early do not flatter the figure).
 
-    python bench/sample_throughput.py [--configs tiny,small] [--batches 1,8]
+    python bench/sample_throughput.py [--configs tiny,small] [--batches 1,8,32]
     python bench/sample_throughput.py --configs tiny --batches 1,8 --no_hf --profile /tmp/p
 
 --profile traces two calls of the masked loop and adds "profile_top": the ops that took the
@@ -23,6 +26,7 @@ kind, shape, source].
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -93,7 +97,7 @@ def bench_ours(cfg, batch, new_tokens, repeats, profile=""):
         top = profile_top(run_calls, compiled.as_text(),
                           os.path.join(profile, f"{cfg.d_model}_{batch}"))
         extra["profile_top"] = [[round(t / new_tokens, 7), *rest] for t, *rest in top]
-    return dict(tokens_per_s=batch / masked, compile_s=compile_s,
+    return dict(tokens_per_s=batch / masked, step_ms=masked * 1e3, compile_s=compile_s,
                 mask_overhead_ratio=masked / statistics.median(per_step[False]), **extra)
 
 
@@ -142,24 +146,58 @@ def bench_hf(cfg, batch, new_tokens, repeats):
     return batch * new_tokens / statistics.median(times)
 
 
+def bench_length(cfg, batch, length, repeats):
+    """Step time of the masked loop with a prompt of `length` - 80 tokens, so that 80 new
+    tokens fill a cache of `length` slots (see the docstring)."""
+    cfg = dataclasses.replace(cfg, max_len=length)
+    mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+    params = model_lib.Decoder(cfg).init(
+        jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
+    tables = tuple(jnp.asarray(t) for t in sampling.MaskTables.build(
+        "grammar", token_classes(cfg.vocab_size)))
+    width = length - 80
+    prompt = np.random.default_rng(0).integers(16, cfg.vocab_size, (batch, width),
+                                               dtype=np.int32)
+    prompt[:, 0] = 0
+    args = (params, tables, prompt, np.full((batch,), width, np.int32),
+            np.zeros((batch,), np.int32))
+    runs = {n: sampling._compiled_decode(cfg, sampling.SamplingConfig(max_new_tokens=n),
+                                         mesh, batch, width) for n in (16, 80)}
+    times = {16: [], 80: []}
+    for r in range(repeats + 1):
+        for n, run in runs.items():
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(run(*args, sampling.sampling_key(r), jnp.asarray(True)))
+            if r:
+                times[n].append((time.perf_counter() - t0, int(np.asarray(out.lengths).max())))
+    step = (statistics.median(t for t, _ in times[80]) - statistics.median(
+        t for t, _ in times[16])) / (times[80][0][1] - times[16][0][1])
+    return dict(step_ms=step * 1e3, tokens_per_s=batch / step)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,small")
-    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--hf_batches", default="8", help="batches the HF peer runs at")
+    parser.add_argument("--lengths", default="256,2048",
+                        help="cache lengths of the length sweep (small, batch 8); '' skips")
     parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no_hf", action="store_true", help="skip the transformers peer")
     parser.add_argument("--profile", default="",
                         help="trace the masked loop into this folder; add the top ops")
     args = parser.parse_args()
+    hf_batches = {int(b) for b in args.hf_batches.split(",") if b}
     for name in args.configs.split(","):
         cfg = model_lib.ModelConfig(**CONFIGS[name])
         for batch in map(int, args.batches.split(",")):
             ours = bench_ours(cfg, batch, args.new_tokens, args.repeats, args.profile)
-            hf = None if args.no_hf else bench_hf(cfg, batch, args.new_tokens,
-                                                  max(2, args.repeats // 2))
+            hf = None if args.no_hf or batch not in hf_batches else bench_hf(
+                cfg, batch, args.new_tokens, max(2, args.repeats // 2))
             print(json.dumps(dict(
                 config=name, batch=batch, new_tokens=args.new_tokens,
+                step_ms=round(ours["step_ms"], 3),
                 tokens_per_s=round(ours["tokens_per_s"], 1),
                 mask_overhead_ratio=round(ours["mask_overhead_ratio"], 4),
                 compile_s=round(ours["compile_s"], 2),
@@ -168,6 +206,13 @@ def main():
                 backend=jax.default_backend(),
                 **({"profile_top": ours["profile_top"]} if args.profile else {}))),
                 flush=True)
+    for length in (int(n) for n in args.lengths.split(",") if n):
+        out = bench_length(model_lib.ModelConfig(**CONFIGS["small"]), 8, length,
+                           args.repeats)
+        print(json.dumps(dict(config="small", batch=8, length=length,
+                              step_ms=round(out["step_ms"], 3),
+                              tokens_per_s=round(out["tokens_per_s"], 1),
+                              backend=jax.default_backend())), flush=True)
 
 
 if __name__ == "__main__":

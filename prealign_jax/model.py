@@ -77,7 +77,7 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = False
     attention: str = "auto"
-    decode_chunk: int = 512
+    decode_chunk: int = 2048
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

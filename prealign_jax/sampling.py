@@ -55,6 +55,8 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    top_p_candidates: int = 256  # top-p cuts the nucleus among this many likeliest tokens
+    prefill_chunk: int = 512  # prompt tokens per model call in the prefill
 
     def __post_init__(self):
         def number(name, kind):
@@ -75,6 +77,9 @@ class SamplingConfig:
             raise SamplingError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
         if not 0 < number("top_p", numbers.Real) <= 1:
             raise SamplingError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
+        for name in ("top_p_candidates", "prefill_chunk"):
+            if number(name, numbers.Integral) < 1:
+                raise SamplingError(f"{name}={getattr(self, name)}: must be >= 1")
 
 
 class MaskTables(NamedTuple):
@@ -120,7 +125,10 @@ def sampling_logits(logits, allowed, cfg: SamplingConfig):
     probability evenly; if every allowed logit is -inf or NaN, all allowed tokens do (the
     defined result for a degenerate row). Otherwise allowed logits are shifted so their
     maximum is 0, then temperature, top-k and top-p (nucleus) apply, ranking allowed tokens
-    only. Every row keeps at least one allowed token with logit 0 before the filters.
+    only: top-p among the `top_k` likeliest (when set, as in Hugging Face's order), else
+    among the `top_p_candidates` likeliest (a bounded top-k instead of sorting the
+    vocabulary every step, as serving engines do). Every row keeps at least one allowed
+    token with logit 0 before the filters.
     """
     neg_inf = jnp.float32(-jnp.inf)
     x = jnp.where(allowed & ~jnp.isnan(logits), logits.astype(jnp.float32), neg_inf)
@@ -130,15 +138,13 @@ def sampling_logits(logits, allowed, cfg: SamplingConfig):
     x = jnp.where(top == neg_inf, jnp.where(allowed, 0.0, neg_inf), x - top)
     if cfg.temperature > 0:
         x = x / cfg.temperature
-    if cfg.top_k:
-        kth = jax.lax.top_k(x, min(cfg.top_k, x.shape[-1]))[0][:, -1:]
-        x = jnp.where(x < kth, neg_inf, x)
-    if cfg.top_p < 1:
-        sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_x, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always).
-        keep = jnp.cumsum(probs, axis=-1) - probs < cfg.top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+    if cfg.top_k or cfg.top_p < 1:  # no sort of the vocabulary: a bounded top-k
+        top = jax.lax.top_k(x, min(cfg.top_k or cfg.top_p_candidates, x.shape[-1]))[0]
+        cutoff = top[:, -1:]
+        if cfg.top_p < 1:  # the smallest prefix whose mass reaches top_p (the first always)
+            probs = jax.nn.softmax(top, axis=-1)
+            keep = jnp.cumsum(probs, axis=-1) - probs < cfg.top_p
+            cutoff = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1, keepdims=True)
         x = jnp.where(x < cutoff, neg_inf, x)
     return jnp.where(allowed, x, neg_inf)  # whatever the filters did: the guarantee
 
@@ -152,9 +158,8 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
     baseline against which the mask's cost is measured (bench/sample_throughput.py)."""
     b, p = prompt.shape
     n = cfg.max_new_tokens
-    logits, cache = step_fn(params, cache, prompt, *_prefill_layout(prompt, prompt_lengths))
-    vocab = logits.shape[-1]
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    last, cache = _prefill(step_fn, params, cache, prompt, prompt_lengths, cfg.prefill_chunk)
+    vocab = last.shape[-1]
     if tables is None:
         unmasked = ~jnp.isin(jnp.arange(vocab), jnp.array(NEVER_SAMPLED))
     else:  # the invalid state's row: what is allowed when the mask is off
@@ -217,10 +222,33 @@ def _argmax(x):
     return jnp.min(jnp.where(x == x.max(axis=-1, keepdims=True), ids, x.shape[-1]), axis=-1)
 
 
-def _prefill_layout(prompt, prompt_lengths):
-    """Positions and segment ids of a right-padded prompt batch (padding is segment 0)."""
-    positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
-    return positions, (positions < prompt_lengths[:, None]).astype(jnp.int32)
+def _prefill(step_fn: StepFn, params, cache, prompt, prompt_lengths, chunk: int):
+    """Feed the right-padded prompt to the model `chunk` tokens per call (a `lax.scan`
+    over the full chunks, then the rest), so attention and logits memory stay bounded
+    for long prompts. Returns each row's logits after its last prompt token, and the cache."""
+    b, p = prompt.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), prompt.shape)
+    segments = (positions < prompt_lengths[:, None]).astype(jnp.int32)
+
+    def run(cache, last, start, size):
+        cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+        logits, cache = step_fn(params, cache, cut(prompt), cut(positions), cut(segments))
+        idx = prompt_lengths - 1 - start
+        picked = jnp.take_along_axis(logits, jnp.clip(idx, 0, size - 1)[:, None, None],
+                                     axis=1)[:, 0]
+        return cache, jnp.where(((idx >= 0) & (idx < size))[:, None], picked, last)
+
+    full, rest = divmod(p, chunk) if p > chunk else (0, p)
+    shape = jax.eval_shape(step_fn, params, cache, *(x[:, :min(p, chunk)]
+                                                     for x in (prompt, positions, segments)))
+    last = jnp.zeros((b, shape[0].shape[-1]), shape[0].dtype)
+    if full:
+        (cache, last), _ = jax.lax.scan(
+            lambda carry, start: (run(*carry, start, chunk), None), (cache, last),
+            jnp.arange(full, dtype=jnp.int32) * chunk)
+    if rest:
+        cache, last = run(cache, last, full * chunk, rest)
+    return last, cache
 
 
 # ---------------------------------------------------------------- prompts

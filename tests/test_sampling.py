@@ -1,5 +1,7 @@
 """The sampler: the transition mask holds, cached decode is exact, rows end correctly."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -117,14 +119,45 @@ def full_forward_greedy(cfg, params, prompt_ids, n):
     return out
 
 
-def test_cached_greedy_decode_equals_full_recompute(setup, spm_vocab):
+@pytest.mark.parametrize("prefill_chunk", [512, 5])
+def test_cached_greedy_decode_equals_full_recompute(setup, spm_vocab, prefill_chunk):
     cfg, params = setup
-    sampler = make_sampler(setup, spm_vocab, "grammar", max_new_tokens=20, temperature=0)
+    sampler = make_sampler(setup, spm_vocab, "grammar", max_new_tokens=20, temperature=0,
+                           prefill_chunk=prefill_chunk)
     texts = ["The cat", "Sam kept the wallet and said nothing at all to Ana"]
     prompts = [sampling.make_prompt(t, spm_vocab, "grammar") for t in texts]
     samples = sampler.generate(prompts, use_mask=False)
     for p, s in zip(prompts, samples):
         assert list(s.tokens) == full_forward_greedy(cfg, params, p.ids, 20)
+
+
+_HLO_OP = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\(")
+
+
+def test_kv_cache_is_updated_in_place(setup, spm_vocab):
+    """The compiled decode loop writes the cache with dynamic-update-slice and never
+    copies, transposes or scatters a cache-sized buffer (once per token, that would cost a
+    copy of the whole cache). The prefill, once per call, may build the cache anew."""
+    cfg, params = setup
+    sampler = make_sampler(setup, spm_vocab, "grammar", max_new_tokens=40)
+    batch, width = 8, 16
+    run = sampling._compiled_decode(cfg, sampler.cfg, sampler.mesh, batch, width)
+    args = (params, sampler._device_tables, np.zeros((batch, width), np.int32),
+            np.ones((batch,), np.int32), np.zeros((batch,), np.int32),
+            sampling.sampling_key(0), jnp.asarray(True))
+    hlo = run.lower(*args).compile().as_text()
+    cache_dims = sorted((batch, cfg.num_kv_heads, cfg.d_model // cfg.num_heads, width + 40))
+    writes = 0
+    for line in hlo.splitlines():
+        m = _HLO_OP.match(line)
+        if not m or "/while/body/" not in line or sorted(
+                int(d) for d in m.group(2).split(",") if d) != cache_dims:
+            continue
+        name, op = m.group(1), m.group(3)
+        what = name if op == "fusion" else op
+        assert not re.search("copy|transpose|scatter", what), line[:160]
+        writes += "dynamic-update-slice" in what
+    assert writes >= 2 * cfg.num_layers  # keys and values of every layer
 
 
 def test_sharded_decode_matches_one_device(setup, spm_vocab):
