@@ -1,7 +1,7 @@
 """The sampler: one jitted decode loop with the static mode-transition mask.
 
-A prompt is prefilled into the KV cache in one call, then a single `lax.while_loop`
-samples every new token: no Python runs per token. Each row carries its policy state
+A prompt is prefilled into the KV cache (`prefill_chunk` tokens per model call), then a
+single `lax.while_loop` samples every new token: no Python runs per token. Each row carries its policy state
 (initialised by running the FSM over its prompt). The tables are a static `allowed[S+1, V]`
 / `next_state[S+1, V]` pair built once per (policy, vocabulary) by `modes`; `use_mask` is a
 traced boolean, so switching the mask off (to measure what the unconstrained model does)
@@ -39,6 +39,7 @@ from prealign_jax.errors import UserError
 PAD_ID, EOS_ID = vocab_lib.PAD_ID, vocab_lib.EOS_ID
 NEVER_SAMPLED = (vocab_lib.PAD_ID, vocab_lib.UNK_ID)  # ids that are never text
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6  # beyond: 0 (greedy) is the limit, or a typo
+_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p")  # set by CLI flags and gin
 
 
 class SamplingError(UserError):
@@ -62,8 +63,8 @@ class SamplingConfig:
         def number(name, kind):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-                raise SamplingError(f"{name}={value!r}: must be a finite number "
-                                    f"(--{name} / evaluate.{name})")
+                where = f" (--{name} / evaluate.{name})" if name in _FLAGS else ""
+                raise SamplingError(f"{name}={value!r}: must be a finite number{where}")
             return value
 
         if number("max_new_tokens", numbers.Integral) < 1:
