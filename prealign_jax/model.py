@@ -265,7 +265,8 @@ def cached_attention(q, k_cache, v_cache, seg_cache, q_segments, index, chunk: i
     neg_inf = jnp.float32(-jnp.inf)
 
     def scores_of(k, seg, slots):
-        mask = (slots[None] <= q_slot[:, None])[None] & (seg[:, None, :] == q_segments[:, :, None])
+        mask = ((slots[None] <= q_slot[:, None])[None]
+                & (seg[:, None, :] == q_segments[:, :, None]))
         scores = jnp.einsum("bkgtd,bkdc->bkgtc", q, k, preferred_element_type=jnp.float32)
         return jnp.where(mask[:, None, None], scores, neg_inf)  # mask [B, T, C]
 
@@ -448,8 +449,8 @@ class Attention(nn.Module):
             cached_v.value, v.transpose(0, 2, 1, 3).astype(dtype), (0, 0, i, 0))
         cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids, (0, i))
         index.value = i + t
-        return cached_attention(q, cached_k.value, cached_v.value, cached_seg.value, segment_ids,
-                                i, self.cfg.decode_chunk)
+        return cached_attention(q, cached_k.value, cached_v.value, cached_seg.value,
+                                segment_ids, i, self.cfg.decode_chunk)
 
 
 class Mlp(nn.Module):
@@ -563,10 +564,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Any:
     collection, {layers_i: {attention: {cached_key, cached_value, cached_segment,
     cache_index}}}: keys [batch, num_kv_heads, head_dim, max_len] and values [batch,
     num_kv_heads, max_len, head_dim] in the compute dtype, segment ids [batch, max_len]
-    and the next free slot (scan_layers: one "layers"
-    entry with a leading num_layers axis). Pass it as `{"params": ..., "cache":
-    cache}` to `Decoder.apply(..., decode=True, mutable=["cache"])`; to place it on a mesh,
-    `jax.device_put(cache, partitioning.param_shardings(abstract_cache(...), mesh))`."""
+    and the next free slot (scan_layers: one "layers" entry with a leading num_layers
+    axis). Pass it as `{"params": ..., "cache": cache}` to `Decoder.apply(...,
+    decode=True, mutable=["cache"])`; to place it on a mesh, `jax.device_put(cache,
+    partitioning.param_shardings(abstract_cache(...), mesh))`."""
     if max_len > cfg.max_len:
         raise ConfigError(f"init_cache(max_len={max_len}) exceeds ModelConfig.max_len="
                           f"{cfg.max_len}, the longest position the model has RoPE tables for")

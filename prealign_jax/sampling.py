@@ -1,11 +1,11 @@
 """The sampler: one jitted decode loop with the static mode-transition mask.
 
 A prompt is prefilled into the KV cache (`prefill_chunk` tokens per model call), then a
-single `lax.while_loop` samples every new token: no Python runs per token. Each row carries its policy state
-(initialised by running the FSM over its prompt). The tables are a static `allowed[S+1, V]`
-/ `next_state[S+1, V]` pair built once per (policy, vocabulary) by `modes`; `use_mask` is a
-traced boolean, so switching the mask off (to measure what the unconstrained model does)
-does not retrace.
+single `lax.while_loop` samples every new token: no Python runs per token. Each row carries
+its policy state (initialised by running the FSM over its prompt). The tables are a static
+`allowed[S+1, V]` / `next_state[S+1, V]` pair built once per (policy, vocabulary) by
+`modes`; `use_mask` is a traced boolean, so switching the mask off (to measure what the
+unconstrained model does) does not retrace.
 
 The guarantee (`sampling_logits`): with the mask on, a token the policy forbids in a row's
 state has probability exactly 0, whatever the logits (any finite value, +-inf, NaN) and

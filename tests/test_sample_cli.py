@@ -88,7 +88,8 @@ def test_sampling_on_another_mesh_and_unmasked(run_dir, tmp_path):
 
 def test_bad_policy_and_prompt_are_one_line_errors(run_dir):
     for args, needle in ((["--policy=nope"], "unknown; known policies"),
-                         (["--prompt=<ai>x</ai><human>", "--raw_prompt"], "breaks policy 'assistant'"),
+                         (["--prompt=<ai>x</ai><human>", "--raw_prompt"],
+                          "breaks policy 'assistant'"),
                          (["--temperature=inf"], "temperature=inf: must be a finite number"),
                          (["--temperature=nan"], "temperature=nan: must be a finite number"),
                          (["--top_p=nan"], "top_p=nan: must be a finite number")):
