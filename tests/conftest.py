@@ -35,6 +35,18 @@ def sample_documents(n, seed=0):
     return docs
 
 
+def piece_classes(classes):
+    """Token classes with each run of text merged into one: what `tags.token_classes`
+    reads from the text those tokens decode to."""
+    from prealign_jax import modes
+
+    out = []
+    for c in classes:
+        if not (c == modes.TEXT and out and out[-1] == modes.TEXT):
+            out.append(int(c))
+    return out
+
+
 @pytest.fixture(scope="session")
 def spm_vocab(tmp_path_factory):
     """A 512-piece vocabulary trained on `sample_documents`."""

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import piece_classes
+
 from prealign_jax import model as model_lib, modes, partitioning, sampling, tags, vocab
 
 TEMPERATURES = (0.0, sampling.MIN_TEMPERATURE, 1e-3, 0.7, 1.0, 50.0, sampling.MAX_TEMPERATURE)
@@ -81,14 +83,6 @@ def random_policy(rng):
             continue
 
 
-def collapse(classes):
-    out = []
-    for c in classes:
-        if not (c == modes.TEXT and out and out[-1] == modes.TEXT):
-            out.append(int(c))
-    return out
-
-
 def check_rows(spm_vocab, token_class, tables, out, start, use_mask):
     """Asserts the guarantee on every row of a `SampleOutput`; returns tokens checked."""
     checked = 0
@@ -109,7 +103,7 @@ def check_rows(spm_vocab, token_class, tables, out, start, use_mask):
             np.testing.assert_array_equal(np.asarray(out.mode_ids[r, :n]), mode_ids[0])
             assert int(out.final_state[r]) == final[0]
         text = vocab.decode_tagged(spm_vocab, toks)
-        assert tags.token_classes(text).tolist() == collapse(
+        assert tags.token_classes(text).tolist() == piece_classes(
             classes[classes != modes.EOS_CLASS])
     return checked
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from prealign_jax import modes, tags, vocab
 
-from conftest import WORDS, sample_documents
+from conftest import WORDS, piece_classes, sample_documents
 
 CONTEXTS = ["{t}", "x {t}", "word{t}word", "{t}.", "{t}{t}{t}", " {t} ", "({t})", "\n{t}\n",
             "{t}Hello", "é{t}漢"]
@@ -63,15 +63,6 @@ SPELLERS = ["<", "</", ">", "/>", "/", "ai", "human", "quote", "redacted", "ai>"
             "x", " ", "\n", "word"]
 
 
-def collapse(classes):
-    """Class sequence with runs of text merged: what `tags.pieces` sees of a text."""
-    out = []
-    for c in classes:
-        if not (c == modes.TEXT and out and out[-1] == modes.TEXT):
-            out.append(int(c))
-    return out
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from(SPELLERS), st.sampled_from(modes.TAGS),
                           st.integers(0, 10**6)), max_size=40))
@@ -90,7 +81,7 @@ def test_decoded_text_reparses_to_the_ids_modes(spm_vocab, parts):
             ids += spm_vocab.encode(part)
     text = vocab.decode_tagged(spm_vocab, ids + [vocab.EOS_ID])
     classes = vocab.token_classes(spm_vocab)[ids]
-    assert tags.token_classes(text).tolist() == collapse(classes)
+    assert tags.token_classes(text).tolist() == piece_classes(classes)
     runs = [p for _, p, is_tag in tags.pieces(text) if not is_tag]
     id_runs, run = [], []
     for i, c in zip(ids + [None], list(classes) + [None]):
