@@ -358,6 +358,10 @@ class Sampler:
         if len(token_class) > model_cfg.vocab_size:
             raise SamplingError(f"the vocabulary has {len(token_class)} ids but the model "
                                 f"only {model_cfg.vocab_size}; use the run's own vocabulary")
+        if cfg.top_k > len(token_class):
+            raise SamplingError(f"top_k={cfg.top_k} exceeds the vocabulary's "
+                                f"{len(token_class)} ids (--top_k / evaluate.top_k); use "
+                                "0 (off) or a smaller value")
         # Ids the model has but the vocabulary lacks (padding up to a multiple) are never legal.
         token_class = np.concatenate([token_class, np.full(
             model_cfg.vocab_size - len(token_class), modes.PAD_CLASS, np.int32)])

@@ -234,6 +234,8 @@ def test_unknown_policy_and_bad_settings(spm_vocab, setup):
         sampling.make_prompt("x", spm_vocab, "nope")
     with pytest.raises(sampling.SamplingError, match="top_p"):
         sampling.SamplingConfig(top_p=0)
+    with pytest.raises(sampling.SamplingError, match="top_k=100000 exceeds the vocabulary"):
+        make_sampler(setup, spm_vocab, "grammar", top_k=100_000)
     s = make_sampler(setup, spm_vocab, "grammar", max_new_tokens=120)
     with pytest.raises(sampling.SamplingError, match="exceeds the model's context"):
         s.generate([sampling.make_prompt("a b c d e f g h i j", spm_vocab, "grammar")])
