@@ -96,7 +96,7 @@ def check_rows(spm_vocab, token_class, tables, out, start, use_mask):
         assert (classes != modes.PAD_CLASS).all(), toks
         assert np.isfinite(out.log_probs[r, :n]).all() and (out.log_probs[r, :n] <= 1e-5).all()
         assert vocab.EOS_ID not in toks[:-1].tolist()
-        mode_ids, read_in, final = modes.run_numpy(tables, classes[None], start=[start[r]])
+        mode_ids, _, final = modes.run_numpy(tables, classes[None], start=[start[r]])
         if use_mask:
             assert modes.first_violation(tables, classes, int(start[r])) is None, (
                 tables.states[start[r]], toks)
