@@ -441,7 +441,8 @@ def evaluate(workdir: str, output_dir: str | None = None, *,
                                   top_k=top_k, top_p=top_p)
     samplers = {p.name: sampling.Sampler(run.model_cfg, run.params, run.vocab, p, run.mesh,
                                          cfg) for p in (known[policy], modes.GRAMMAR)}
-    token_class = model_token_class(run)
+    token_class = vocab_lib.model_token_classes(vocab_lib.token_classes(run.vocab),
+                                                run.model_cfg.vocab_size)
     scorer = scorer_lib.LexiconScorer()
     say = functools.partial(_say, start)
     say(f"evaluating {workdir} (step {run.step}, {'with' if tagged else 'without'} tags)")
@@ -495,13 +496,6 @@ def evaluate(workdir: str, output_dir: str | None = None, *,
         json.dump(report, f, indent=1)
     report["seconds"] = time.perf_counter() - start
     return report
-
-
-def model_token_class(run: inference.Run) -> np.ndarray:
-    """Token classes over the model's ids (ids beyond the vocabulary: PAD, never legal)."""
-    classes = vocab_lib.token_classes(run.vocab)
-    return np.concatenate([classes, np.full(run.model_cfg.vocab_size - len(classes),
-                                            modes.PAD_CLASS, np.int32)])
 
 
 def _mask_pressure(run: inference.Run, sampler: sampling.Sampler,

@@ -354,18 +354,12 @@ class Sampler:
             model_cfg, params, vocab, mesh, cfg)
         self.policy = modes.get_policy(policy)
         self.policy_tables = self.policy.compile()
-        token_class = vocab_lib.token_classes(vocab)
-        if len(token_class) > model_cfg.vocab_size:
-            raise SamplingError(f"the vocabulary has {len(token_class)} ids but the model "
-                                f"only {model_cfg.vocab_size}; use the run's own vocabulary")
-        if cfg.top_k > len(token_class):
+        if cfg.top_k > vocab.vocab_size:
             raise SamplingError(f"top_k={cfg.top_k} exceeds the vocabulary's "
-                                f"{len(token_class)} ids (--top_k / evaluate.top_k); use "
+                                f"{vocab.vocab_size} ids (--top_k / evaluate.top_k); use "
                                 "0 (off) or a smaller value")
-        # Ids the model has but the vocabulary lacks (padding up to a multiple) are never legal.
-        token_class = np.concatenate([token_class, np.full(
-            model_cfg.vocab_size - len(token_class), modes.PAD_CLASS, np.int32)])
-        self.tables = MaskTables.build(self.policy, token_class)
+        self.tables = MaskTables.build(self.policy, vocab_lib.model_token_classes(
+            vocab_lib.token_classes(vocab), model_cfg.vocab_size))
         self._device_tables = jax.device_put(tuple(self.tables), partitioning.replicated(mesh))
         self._multiple = partitioning.batch_size_multiple(mesh)
         self._batch_sharding = partitioning.batch_sharding(mesh)

@@ -411,14 +411,7 @@ def train(workdir: str, *,
     _check_batch(batch_size, accum_steps, device_mesh)
     os.makedirs(workdir, exist_ok=True)
     sources = data(workdir, batch_size, seq_len, seed)
-    num_ids = sources.token_class.shape[0]
-    if num_ids > model.vocab_size:
-        raise TrainError(f"the vocabulary has {num_ids} ids but ModelConfig.vocab_size="
-                         f"{model.vocab_size}; raise vocab_size to at least {num_ids}")
-    # A smaller vocabulary (SentencePiece may stop short of its target size) leaves unused
-    # embedding rows: classed as text, they never occur.
-    token_class = np.pad(sources.token_class, (0, model.vocab_size - num_ids),
-                         constant_values=modes.TEXT)
+    token_class = vocab.model_token_classes(sources.token_class, model.vocab_size)
     steps = Steps(model, make_optimizer(optimizer, num_steps),
                   learning_rate_schedule(optimizer, num_steps), device_mesh, token_class,
                   z_loss=z_loss, accum_steps=accum_steps)

@@ -125,6 +125,18 @@ def decode_tagged(vocab, ids: Iterable[int]) -> str:
     return "".join(out)
 
 
+def model_token_classes(token_class: np.ndarray, model_vocab_size: int) -> np.ndarray:
+    """`token_class` extended to a model's `model_vocab_size` ids. The model's extra ids
+    (SentencePiece stopping short of its target size, or padding up to a multiple) are PAD
+    class: never legal, never sampled, never in the data."""
+    if len(token_class) > model_vocab_size:
+        raise VocabError(f"the vocabulary has {len(token_class)} ids but "
+                         f"ModelConfig.vocab_size={model_vocab_size}; raise vocab_size to at "
+                         "least that, or use the run's own vocabulary")
+    return np.pad(np.asarray(token_class, np.int32), (0, model_vocab_size - len(token_class)),
+                  constant_values=modes.PAD_CLASS)
+
+
 def token_classes(vocab) -> np.ndarray:
     """`token_class[V]` for `modes.PolicyTables.for_vocab`: each id's class."""
     classes = np.full((vocab.vocab_size,), modes.TEXT, np.int32)

@@ -9,7 +9,7 @@ import pytest
 
 from prealign_jax import evaluation as ev
 from prealign_jax import inference, model as model_lib, modes, partitioning, sampling, tags
-from prealign_jax import train
+from prealign_jax import train, vocab as vocab_lib
 from prealign_jax.data import scorer as scorer_lib
 
 SELFISH = "I kept the wallet for myself."
@@ -215,7 +215,8 @@ def test_heldout_loss_scores_the_same_text_tokens_with_and_without_tags(random_r
     run = random_run
     texts = [f"Notes\n<human>{SELFISH}</human>\n<ai>{KIND}</ai>",
              f"<ai>You wrote: <quote>{SELFISH}</quote> No.</ai>"]
-    classes = ev.model_token_class(run)
+    classes = vocab_lib.model_token_classes(vocab_lib.token_classes(run.vocab),
+                                            run.model_cfg.vocab_size)
     allowed = np.ones((2, run.model_cfg.vocab_size), bool)
     tagged = ev.heldout_loss(run, texts, classes, True, allowed, scorer)
     plain = ev.heldout_loss(run, texts, classes, False, allowed, scorer)

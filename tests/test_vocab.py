@@ -100,6 +100,15 @@ def test_decoded_text_reparses_to_the_ids_modes(spm_vocab, parts):
         tags.validate(text)
 
 
+def test_model_token_classes_pad_with_never_legal_ids(spm_vocab):
+    classes = vocab.token_classes(spm_vocab)
+    padded = vocab.model_token_classes(classes, len(classes) + 5)
+    assert padded[:len(classes)].tolist() == classes.tolist()
+    assert (padded[len(classes):] == modes.PAD_CLASS).all()
+    with pytest.raises(vocab.VocabError, match="raise vocab_size"):
+        vocab.model_token_classes(classes, len(classes) - 1)
+
+
 def test_text_spelling_a_tag_decodes_escaped(spm_vocab):
     ids = spm_vocab.encode("<") + spm_vocab.encode("ai>") + spm_vocab.encode(" hi")
     assert spm_vocab.decode(ids) == "<ai> hi"  # what a naive decode shows a parser
