@@ -189,6 +189,9 @@ def main():
                         help="trace the masked loop into this folder; add the top ops")
     args = parser.parse_args()
     hf_batches = {int(b) for b in args.hf_batches.split(",") if b}
+    if any(int(n) <= 96 for n in args.lengths.split(",") if n):
+        parser.error(f"--lengths {args.lengths}: each must exceed 96 (80 new tokens after a "
+                     "prompt of at least 16)")
     for name in args.configs.split(","):
         cfg = model_lib.ModelConfig(**CONFIGS[name])
         for batch in map(int, args.batches.split(",")):

@@ -90,8 +90,10 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig head_dim={self.dims_per_head} must be even (RoPE)")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"ModelConfig.remat={self.remat!r}: use one of {REMAT_POLICIES}")
-        if self.decode_chunk < 1:
-            raise ConfigError(f"ModelConfig.decode_chunk={self.decode_chunk}: must be >= 1")
+        if (isinstance(self.decode_chunk, bool) or not isinstance(self.decode_chunk, int)
+                or self.decode_chunk < 1):
+            raise ConfigError(f"ModelConfig.decode_chunk={self.decode_chunk!r}: must be an "
+                              "integer >= 1 (cache slots per block of decode attention)")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"ModelConfig.attention={self.attention!r}: use one of "
                               f"{ATTENTION_IMPLS}")

@@ -266,7 +266,8 @@ def test_init_cache_shape_and_logical_axes():
 @pytest.mark.parametrize("kw, match", [
     ({"num_kv_heads": 3}, "num_kv_heads"), ({"remat": "some"}, "remat"),
     ({"attention": "flash"}, "attention"), ({"dtype": "float13"}, "dtype"),
-    ({"d_model": 30}, "head_dim")])
+    ({"d_model": 30}, "head_dim"), ({"decode_chunk": 0}, "decode_chunk"),
+    ({"decode_chunk": 2.5}, "decode_chunk"), ({"decode_chunk": "x"}, "decode_chunk")])
 def test_bad_config_is_a_user_error(kw, match):
     with pytest.raises(UserError, match=match):
         dataclasses.replace(CFG, **kw)
