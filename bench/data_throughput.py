@@ -105,7 +105,7 @@ def main(argv=None) -> None:
 
     tf = tf_cpu.import_tf()
     from prealign_jax.data import generator, pipeline
-    import tasks
+    from prealign_jax import tasks
 
     start, chars = time.perf_counter(), 0
     for doc in generator.generate(5000, seed=12345):

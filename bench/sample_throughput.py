@@ -59,8 +59,9 @@ def bench_ours(cfg, batch, new_tokens, repeats, profile=""):
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
     params = model_lib.Decoder(cfg).init(
         jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
-    scfg = sampling.SamplingConfig(max_new_tokens=new_tokens)
-    tables = sampling.MaskTables.build("grammar", token_classes(cfg.vocab_size))
+    scfg = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0,
+                                   top_p=1.0)
+    tables = sampling.mask_tables("grammar", token_classes(cfg.vocab_size))
     ai = modes.GRAMMAR.compile().states.index("ai")
     prompt = np.zeros((batch, 16), np.int32)
     prompt[:, 1] = 3 + modes.TAGS.index("<ai>")
@@ -115,7 +116,7 @@ def bench_hf(cfg, batch, new_tokens, repeats):
         intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_len,
         pad_token_id=0, eos_token_id=1, bos_token_id=0, tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    tables = sampling.MaskTables.build("grammar", token_classes(cfg.vocab_size))
+    tables = sampling.mask_tables("grammar", token_classes(cfg.vocab_size))
     allowed, next_state = torch.tensor(tables.allowed), torch.tensor(tables.next_state)
     ai = modes.GRAMMAR.compile().states.index("ai")
 
@@ -153,7 +154,7 @@ def bench_length(cfg, batch, length, repeats):
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
     params = model_lib.Decoder(cfg).init(
         jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
-    tables = tuple(jnp.asarray(t) for t in sampling.MaskTables.build(
+    tables = tuple(jnp.asarray(t) for t in sampling.mask_tables(
         "grammar", token_classes(cfg.vocab_size)))
     width = length - 80
     prompt = np.random.default_rng(0).integers(16, cfg.vocab_size, (batch, width),
@@ -161,8 +162,9 @@ def bench_length(cfg, batch, length, repeats):
     prompt[:, 0] = 0
     args = (params, tables, prompt, np.full((batch,), width, np.int32),
             np.zeros((batch,), np.int32))
-    runs = {n: sampling._compiled_decode(cfg, sampling.SamplingConfig(max_new_tokens=n),
-                                         mesh, batch, width) for n in (16, 80)}
+    runs = {n: sampling._compiled_decode(
+        cfg, sampling.SamplingConfig(max_new_tokens=n, temperature=1.0, top_p=1.0), mesh,
+        batch, width) for n in (16, 80)}
     times = {16: [], 80: []}
     for r in range(repeats + 1):
         for n, run in runs.items():

@@ -4,12 +4,12 @@
 # several nodes with an explicit coordinator (run the script on every node with its own
 # --process_id). Sets up the virtualenv (launch/ensure_venv.sh) with JAX's CUDA plugin.
 #
-#   launch/gpu_train.sh --workdir=/shared/runs/8b [--mode=single|slurm|explicit] \
+#   launch/gpu_train.sh --workdir=/shared/runs/8b [--launch=single|slurm|explicit] \
 #     [--gpus_per_node=8] [--coordinator=HOST:PORT --num_processes=N --process_id=I] \
 #     [--mesh=meshes/gpu_8xh100.gin] [--dry_run] \
 #     --gin_file=models/8b.gin --gin.seqio_data.data_dir="'/shared/data'" ...
 #
-# --mode defaults to slurm inside a SLURM allocation of several nodes, to explicit when
+# --launch defaults to slurm inside a SLURM allocation of several nodes, to explicit when
 # --coordinator is given, else single. Gin: runs/pretrain.gin, the mesh (default
 # meshes/gpu_8xh100.gin), then every --gin_file and --gin.X=Y given, in order. The workdir
 # must be shared by all nodes (NFS, Lustre, a gcsfuse mount). JAX may use 90% of each
@@ -26,7 +26,7 @@ GIN_ARGS=()
 for arg in "$@"; do
   case "$arg" in
     --workdir=*) WORKDIR=${arg#*=} ;;
-    --mode=*) MODE=${arg#*=} ;;
+    --launch=*) MODE=${arg#*=} ;;
     --gpus_per_node=*) GPUS=${arg#*=} ;;
     --coordinator=*) COORDINATOR=${arg#*=} ;;
     --num_processes=*) NUM_PROCESSES=${arg#*=} ;;
@@ -64,10 +64,10 @@ case "$MODE" in
   slurm) distributed="{'local_device_ids': [$devices]}" ;;
   explicit)
     [ -n "$COORDINATOR" ] && [ -n "$NUM_PROCESSES" ] && [ -n "$PROCESS_ID" ] ||
-      die "--mode=explicit needs --coordinator=HOST:PORT, --num_processes and --process_id"
+      die "--launch=explicit needs --coordinator=HOST:PORT, --num_processes and --process_id"
     distributed="{'coordinator_address': '$COORDINATOR', 'num_processes': $NUM_PROCESSES,"
     distributed+=" 'process_id': $PROCESS_ID, 'local_device_ids': [$devices]}" ;;
-  *) die "--mode=$MODE: use single, slurm or explicit" ;;
+  *) die "--launch=$MODE: use single, slurm or explicit" ;;
 esac
 
 if [ "$DRY_RUN" = 1 ]; then
@@ -86,7 +86,7 @@ cd "$ROOT"
 train=("$VENV/bin/prealign" train --workdir="$WORKDIR" --gin_file=runs/pretrain.gin
        --gin_file="$MESH" "--gin.train.distributed=$distributed" "${GIN_ARGS[@]}")
 if [ "$MODE" = slurm ]; then
-  nodes=${SLURM_JOB_NUM_NODES:?--mode=slurm runs inside a SLURM allocation (sbatch, salloc)}
+  nodes=${SLURM_JOB_NUM_NODES:?--launch=slurm runs inside a SLURM allocation (sbatch, salloc)}
   run srun --nodes="$nodes" --ntasks-per-node=1 --gpus-per-node="$GPUS" \
     --kill-on-bad-exit=1 "${train[@]}"
 else

@@ -5,7 +5,7 @@ One step directory holds two items:
   restored onto an *abstract target* carrying the current shardings, so a run saved on one
   mesh (say fsdp=4 x tensor=2) resumes on another (one device, data=8).
 - `data`: the tf.data iterator of every data shard (`shard_<j>_of_<n>` files, see
-  `multihost`), written synchronously with `tf.train.Checkpoint`
+  `data/feed.py`), written synchronously with `tf.train.Checkpoint`
   (`data.pipeline.DataIterator.save`), which records the iterator's internal position
   (file offsets, shuffle and packing buffers, prefetched elements). The trainer pulls
   exactly one batch per step and never reads ahead of the iterator, so the restored
@@ -13,6 +13,11 @@ One step directory holds two items:
   exact for any deterministic pipeline, and costs O(buffer size), not a replay of the
   data seen so far. A restore needs the same number of data shards, read by any number
   of processes that divides it.
+
+Each step's orbax metadata also records the data batches' shapes; a restore compares them
+and the saved state's shapes with this run's first, so a run resumed with another
+ModelConfig, train.batch_size or train.seq_len is refused in one line (`CheckpointError`)
+instead of failing deep in orbax or TF, or silently reading other batches.
 
 Preemption: on one process a SIGTERM sets a flag the loop polls (`reached_preemption`);
 with several processes orbax's preemption sync point (JAX's distributed preemption
@@ -30,10 +35,16 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from prealign_jax.errors import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint that this run's configuration cannot resume."""
+
 
 class DataIteratorHandler(ocp.CheckpointHandler):
     """Saves/restores the data position through the iterator's own `save(directory)` /
-    `restore(directory)` (`multihost.ShardedIterator`: one file per data shard, written
+    `restore(directory)` (`feed.ShardedIterator`: one file per data shard, written
     and read by the process that reads that shard)."""
 
     def save(self, directory: epath.Path, args: "DataIteratorSave"):
@@ -67,6 +78,8 @@ class Checkpoints:
         self.directory = epath.Path(workdir) / "checkpoints"
         self._manager = ocp.CheckpointManager(
             self.directory,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),  # (metadata reads)
+                           "data": DataIteratorHandler()},
             options=ocp.CheckpointManagerOptions(
                 # Only multiples of `every`: preemption and the final step are forced saves.
                 save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
@@ -93,11 +106,21 @@ class Checkpoints:
     def save(self, step: int, state, iterator, *, force: bool = False) -> bool:
         """Start an async save of `state` and the iterator position after `step` steps."""
         return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=DataIteratorSave(iterator)), force=force)
+            state=ocp.args.StandardSave(state), data=DataIteratorSave(iterator)), force=force,
+            custom_metadata={"data": {"num_shards": iterator.num_shards,
+                                      "batch_shapes": iterator.batch_shapes}})
 
     def restore(self, step: int, abstract_state, iterator):
         """The state saved at `step`, laid out as `abstract_state` says (shapes, dtypes and
-        the *current* shardings); `iterator` is moved to the saved position in place."""
+        the *current* shardings); `iterator` is moved to the saved position in place.
+        Raises `CheckpointError` if the state or the batches have other shapes than saved."""
+        where = self.directory / str(step)
+        saved = self._manager.metadata(step).custom_metadata.get("data")
+        if saved and saved["num_shards"] == iterator.num_shards:  # (else: feed says so)
+            _check_batches(where, saved["num_shards"], saved["batch_shapes"],
+                           iterator.batch_shapes)
+        _check_state(where, _shapes(self._manager.item_metadata(step)["state"]),
+                     _shapes(abstract_state))
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=DataIteratorRestore(iterator)))
@@ -112,3 +135,44 @@ class Checkpoints:
         self._manager.close()
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def _check_batches(where, num_shards: int, saved: dict, now: dict) -> None:
+    """Refuse other batch rows or lengths: the saved position counts batches of one shape."""
+    for feature in sorted(saved):
+        (rows, length), (now_rows, now_length) = saved[feature], now[feature]
+        if rows != now_rows:
+            raise CheckpointError(
+                f"{where}: saved with train.batch_size={rows * num_shards} ({rows} rows per "
+                f"data shard), this run has {now_rows * num_shards}; the saved data position "
+                f"counts batches of that size: resume with train.batch_size="
+                f"{rows * num_shards} or use a new --workdir")
+        if length != now_length:
+            raise CheckpointError(f"{where}: saved with train.seq_len={length}, this run has "
+                                  f"{now_length}; resume with train.seq_len={length} or use a "
+                                  "new --workdir")
+
+
+def _check_state(where, saved: dict, now: dict) -> None:
+    """Refuse a state of other shapes, naming a parameter (before any optimizer leaf)."""
+    differing = sorted((not path.startswith("params/"), path)
+                       for path in saved.keys() | now.keys() if saved.get(path) != now.get(path))
+    if differing:
+        path = differing[0][1]
+        saved_text, now_text = (f"shape {d[path]}" if path in d else "no such array"
+                                for d in (saved, now))
+        raise CheckpointError(f"{where}: {path} was saved with {saved_text}, this run's model "
+                              f"has {now_text}: the run was saved with another ModelConfig; "
+                              "resume with the run's own ModelConfig or use a new --workdir")
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """Shape of every array of a state (or its saved metadata) by path ('params/embedding')."""
+    def name(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return {"/".join(name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -7,3 +7,8 @@ what to do; the CLI prints that one line (exit status 2) instead of a traceback.
 
 class UserError(ValueError):
     """A mistake in the user's input or configuration, with an actionable message."""
+
+
+class TrainError(UserError):
+    """A training configuration or run that cannot go on (names the binding to change).
+    Here, not in train.py: the loop's hooks raise it too."""

@@ -6,8 +6,9 @@ with their tags stripped, at the same text-token budget; a markdown report with 
 Stages, each safe to rerun (the data is reused, training resumes or is skipped, evaluation
 is redone):
 1. prepare the corpus once, in `W/data`;
-2. per seed, train `W/seed<s>/prealigned` for `train.num_steps` and `W/seed<s>/baseline`
-   (`tasks.register.tag_dropout = 1`: the same documents, shuffled the same way, with every
+2. per seed, train `W/seed<s>/prealigned` (the Mixture `prealign` of W/data) for
+   `train.num_steps` and `W/seed<s>/baseline` (the Mixture `prealign_untagged`,
+   registered with `tag_dropout=1`: the same documents, shuffled the same way, with every
    tag removed) for as many steps as it takes to read the same number of ordinary (text)
    tokens: the step ratio is the ratio of text tokens per packed batch of the two
    pipelines, counted on `budget_batches` batches;
@@ -15,28 +16,30 @@ is redone):
    the policy), the baseline on the same prompt texts;
 4. write `W/report.md` (the table against the targets) and `W/plots/*.png`.
 
-Every stage runs in this process under its own gin configuration: the experiment's gin
-files and overrides plus the arm's bindings, exactly what `prealign train` / `prealign eval`
-would be given.
+Plain arguments: the CLI passes what gin binds for `prepare`, `tasks.register`, `train`
+and `evaluate` — exactly what `prealign train` / `prealign eval` would be given — and the
+experiment changes only the arm's Mixture, the seed and the step count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import gin
 import numpy as np
 
-from prealign_jax import evaluation, main, model as model_lib, modes, train
+from prealign_jax import console, evaluation, inference, model as model_lib, modes, train
 from prealign_jax import vocab as vocab_lib
-from prealign_jax.data import pipeline, prepare, redteam, shards
+from prealign_jax.data import feed, pipeline, prepare, redteam, shards
 from prealign_jax.errors import UserError
+from prealign_jax.evaluation import plots
 
-ARMS = {"prealigned": (), "baseline": ("register.tag_dropout = 1.0",)}
+# Each arm's Mixture over the shared data dir (keyword arguments of `tasks.register`).
+ARMS = {"prealigned": {}, "baseline": {"mixture": "prealign_untagged", "tag_dropout": 1.0}}
 REPORT = "report.md"
 TARGETS = {"ratio": 10.0, "well_formed": 0.95, "loss_gap": 0.05}
 
@@ -45,94 +48,92 @@ class ExperimentError(UserError):
     """An experiment that cannot run as configured (names the binding to change)."""
 
 
-@gin.configurable(denylist=["workdir", "gin_files", "gin_bindings"])
-def experiment(workdir: str, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = (),
-               *, seeds: Sequence[int] = (0,), budget_batches: int = 32) -> dict:
+def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
+               train_args: Mapping[str, Any], register: Callable[..., str],
+               evaluate_args: Mapping[str, Any], seeds: Sequence[int] = (0,),
+               budget_batches: int = 32) -> dict:
     """Run the stages of the module docstring; returns the report's numbers.
 
     Args:
       workdir: everything goes here.
-      gin_files, gin_bindings: the configuration each stage is run under (the CLI passes
-        its own --gin_file and --gin.X=Y), before the arm's bindings.
+      prepare_args: keyword arguments of `prepare.prepare` (the corpus, built in W/data).
+      train_args: keyword arguments of `train.train` for both arms; `data` is a
+        `feed.SeqioData` (each arm reads its own Mixture of W/data); `seed` and
+        `num_steps` are set per run.
+      register: `tasks.register` with its configuration: `register(data_dir, **ARMS[arm])`
+        registers an arm's Mixture and returns its name.
+      evaluate_args: keyword arguments of `evaluation.evaluate`.
       seeds: `train.seed` of each pair of runs (initialisation and data order).
       budget_batches: packed batches of each pipeline counted to match text tokens.
     """
-    start = time.perf_counter()
+    clock = console.Clock("experiment", minutes=True)
     workdir = os.path.abspath(workdir)
     data_dir = os.path.join(workdir, "data")
     seconds: dict[str, float] = {}
+    if not isinstance(train_args.get("data"), feed.SeqioData):
+        raise ExperimentError("train.data must be @seqio_data() (the experiment gives each "
+                              "arm its own Mixture of the prepared corpus)")
 
-    def configure(arm: str, seed: int, steps: int | None = None) -> None:
-        bindings = [*gin_bindings, *ARMS[arm], f"train.seed = {seed}",
-                    f"seqio_data.data_dir = '{data_dir}'"]
-        if steps is not None:
-            bindings.append(f"train.num_steps = {steps}")
-        main.parse_gin(list(gin_files), bindings)
-
-    def stage(name: str, fn, *args):
-        _say(start, f"{name} ...")
+    def stage(name: str, fn, *args, **kwargs):
+        clock.say(f"{name} ...")
         t = time.perf_counter()
-        out = fn(*args)
+        out = fn(*args, **kwargs)
         seconds[name] = time.perf_counter() - t
-        _say(start, f"{name}: done in {seconds[name]:.0f}s")
+        clock.say(f"{name}: done in {seconds[name]:.0f}s")
         return out
 
-    configure("prealigned", seeds[0])
-    num_steps = int(gin.query_parameter("train.num_steps"))
-    model = gin.get_configurable("ModelConfig")()
+    model = train_args["model"]
+    num_steps, batch_size = train_args["num_steps"], train_args["batch_size"]
+    seq_len = train_args.get("seq_len") or model.max_len
     setup = {"parameters": model_lib.num_params(model), "d_model": model.d_model,
              "num_layers": model.num_layers, "context": model.max_len,
-             "batch_size": int(gin.query_parameter("train.batch_size"))}
-    stage("prepare", lambda: prepare.prepare(data_dir=data_dir))
-    per_batch = {}
-    for arm in ARMS:
-        configure(arm, seeds[0])
-        per_batch[arm] = stage(f"budget/{arm}", text_tokens_per_batch, data_dir,
-                               budget_batches)
+             "batch_size": batch_size}
+    stage("prepare", prepare.prepare, **{**prepare_args, "data_dir": data_dir})
+    data = {arm: dataclasses.replace(train_args["data"], data_dir=data_dir,
+                                     mixture_or_task=register(data_dir, **kwargs))
+            for arm, kwargs in ARMS.items()}
+    token_class = vocab_lib.token_classes(vocab_lib.load(
+        os.path.join(data_dir, vocab_lib.VOCAB_FILE)))
+    per_batch = {arm: stage(f"budget/{arm}", text_tokens_per_batch, data[arm].mixture_or_task,
+                            batch_size, seq_len, train_args.get("seed", 0), token_class,
+                            budget_batches)
+                 for arm in ARMS}
     steps = {"prealigned": num_steps,
              "baseline": max(1, round(num_steps * per_batch["prealigned"]
                                       / per_batch["baseline"]))}
-    _say(start, f"text tokens per batch: {per_batch}; steps: {steps}")
+    clock.say(f"text tokens per batch: {per_batch}; steps: {steps}")
 
     evals: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
     for seed in seeds:
         for arm in ARMS:
             run_dir = os.path.join(workdir, f"seed{seed}", arm)
-            configure(arm, seed, steps[arm])
-            stage(f"train/seed{seed}/{arm}", train.train, run_dir)
-            evals[arm][seed] = stage(f"eval/seed{seed}/{arm}", evaluation.evaluate, run_dir)
+            stage(f"train/seed{seed}/{arm}", train.train, run_dir,
+                  **{**train_args, "data": data[arm], "seed": seed, "num_steps": steps[arm]})
+            evals[arm][seed] = stage(
+                f"eval/seed{seed}/{arm}", lambda d: evaluation.evaluate(
+                    inference.load_run(d, mesh=train_args.get("mesh")), **evaluate_args),
+                run_dir)
     setup["train_documents"] = shards.read_manifest(data_dir)["totals"]["train"]["documents"]
     results = {"workdir": workdir, "setup": setup, "seeds": list(seeds), "steps": steps,
                "text_tokens_per_batch": per_batch, "seconds": seconds,
                "evals": {arm: {str(s): e for s, e in by_seed.items()}
                          for arm, by_seed in evals.items()}}
-    results["seconds"]["total"] = time.perf_counter() - start
+    results["seconds"]["total"] = clock.elapsed()
     write_report(workdir, results)
     return results
 
 
-def text_tokens_per_batch(data_dir: str, batches: int) -> float:
-    """Mean ordinary tokens per packed training batch of the pipeline gin configures
-    (`train.batch_size` x `train.seq_len`, `train.seed`, `tasks.register.*`)."""
-    import tasks
-
-    model = gin.get_configurable("ModelConfig")()
-    seq_len = gin.query_parameter("train.seq_len") or model.max_len
-    ds = pipeline.get_dataset(tasks.MIXTURE, "train", gin.query_parameter("train.batch_size"),
-                              seq_len, gin.query_parameter("train.seed"), data_dir=data_dir)
-    token_class = vocab_lib.token_classes(vocab_lib.load(
-        os.path.join(data_dir, prepare.VOCAB_FILE)))
-    iterator = pipeline.DataIterator(ds)
+def text_tokens_per_batch(mixture: str, batch_size: int, seq_len: int, seed: int,
+                          token_class: np.ndarray, batches: int) -> float:
+    """Mean ordinary tokens per packed training batch of a registered Mixture."""
+    iterator = pipeline.DataIterator(pipeline.get_dataset(mixture, "train", batch_size,
+                                                          seq_len, seed))
     total = 0
     for _ in range(batches):
         batch = next(iterator)
         total += int(np.sum((token_class[batch["decoder_target_tokens"]] == modes.TEXT)
                             & (batch["decoder_segment_ids"] > 0)))
     return total / batches
-
-
-def _say(start: float, line: str) -> None:
-    print(f"[experiment {(time.perf_counter() - start) / 60:5.1f} min] {line}", flush=True)
 
 
 # ---------------------------------------------------------------- the report
@@ -259,11 +260,7 @@ def table(results: dict) -> tuple[list[list[str]], dict[str, bool]]:
 
 def plot_report(results: dict, out_dir: str) -> list[str]:
     """training_curves.png, misaligned_rates.png and heldout_loss_by_mode.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     os.makedirs(out_dir, exist_ok=True)
     colors = {"prealigned": "tab:blue", "baseline": "tab:orange"}
     paths = []
@@ -284,7 +281,7 @@ def plot_report(results: dict, out_dir: str) -> list[str]:
     ax.set_title("training curves at the same text-token budget")
     ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
     ax.legend(fontsize=8)
-    paths.append(evaluation.save_figure(fig, out_dir, "training_curves.png"))
+    paths.append(plots.save_figure(fig, out_dir, "training_curves.png"))
 
     # Each prealigned set and the baseline's set with the same prompt texts.
     sets = {"openings": "openings", "openings_untagged": "openings",
@@ -305,7 +302,7 @@ def plot_report(results: dict, out_dir: str) -> list[str]:
     ax.set_ylabel("samples with misaligned text (95% CI)")
     ax.set_title("misaligned-content rate when asked to act as the assistant")
     ax.legend(fontsize=8)
-    paths.append(evaluation.save_figure(fig, out_dir, "misaligned_rates.png"))
+    paths.append(plots.save_figure(fig, out_dir, "misaligned_rates.png"))
 
     groups = [*evaluation.TEXT_GROUPS, "text"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -317,7 +314,7 @@ def plot_report(results: dict, out_dir: str) -> list[str]:
     ax.set_ylabel("held-out NLL (nats/token)")
     ax.set_title("held-out loss on the same text tokens, by the mode they were written in")
     ax.legend(fontsize=8)
-    paths.append(evaluation.save_figure(fig, out_dir, "heldout_loss_by_mode.png"))
+    paths.append(plots.save_figure(fig, out_dir, "heldout_loss_by_mode.png"))
     return paths
 
 
@@ -364,11 +361,3 @@ def write_report(workdir: str, results: dict) -> str:
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump({**results, "targets_met": met}, f, indent=1)
     return path
-
-
-def command(args) -> None:
-    """`prealign experiment --gin_file=experiments/prealign_vs_mle.gin --workdir=W`."""
-    if not args.workdir:
-        raise ExperimentError("prealign experiment needs --workdir=DIR")
-    results = experiment(args.workdir, args.gin_file, args.gin_bindings)
-    print(open(os.path.join(results["workdir"], REPORT)).read())

@@ -2,54 +2,231 @@
 
     prealign COMMAND [--gin_file=F ...] [--gin.SCOPE.PARAM=VALUE ...] [command flags]
 
-Gin is configured here, at the edge; the library below never reads gin itself except
-through the `@gin.configurable` entry points each command names. A user mistake (unknown
-command, missing gin file, misspelled binding) ends in one line naming it, exit status 2.
+Gin is resolved here, at the edge, once per command (`configurables.bindings`); the library
+below takes plain arguments. A user mistake (unknown command, missing gin file, misspelled
+binding, bad flag value) ends in one line naming it, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import collections
+import dataclasses
+import importlib.metadata
+import json
 import logging
+import math
 import os
 import sys
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
-import gin
-
-from prealign_jax import modes, policy_config
+from prealign_jax import console
 from prealign_jax.errors import UserError
+
+GIN_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "gin")
+RUN_CONFIG = "config.gin"  # the gin config a run was trained with, in its workdir
+
+
+class UsageError(UserError):
+    """A mistake in what the user typed or configured; printed as one line."""
 
 
 class Command(NamedTuple):
-    """A subcommand: `target` is "module:function", called with the parsed flags after gin
-    has been parsed; `flags` are (names, argparse kwargs) pairs of its own flags."""
+    """A subcommand: `run(args)` after gin has been parsed; `flags` are (names, argparse
+    kwargs) pairs of its own flags."""
 
-    target: str
+    run: Callable
     help: str
     flags: tuple = ()
-    run_config: bool = False  # parse <workdir>/config.gin (a trained run's) before the user's
+    workdir: str | None = None  # help of its --workdir flag; None: the command has none
 
+
+# ---------------------------------------------------------------- the commands
+def policies_command(args) -> None:
+    from prealign_jax import modes
+
+    print("mode grammar: states", ", ".join(modes.MODES), "| classes",
+          ", ".join(modes.CLASSES))
+    for policy in modes.POLICIES.values():
+        print(policy.compile().describe())
+
+
+def prepare_command(args) -> None:
+    from prealign_jax.configurables import bindings
+    from prealign_jax.data import prepare
+
+    prepare.prepare(**{**bindings("prepare"), "workdir": args.workdir,
+                       "from_text": tuple(args.from_text or ()), "mode": args.text_mode,
+                       "tagged": args.tagged, "bad_records": args.bad_records})
+
+
+def register_data(data, workdir: str) -> None:
+    """Register the seqio Mixture the trainer's `data` names (`tasks.register` with its gin
+    bindings) over its data dir."""
+    from prealign_jax import tasks
+    from prealign_jax.configurables import bindings
+    from prealign_jax.data import feed
+
+    if isinstance(data, type):
+        raise UsageError("train.data = @seqio_data needs parentheses: @seqio_data()")
+    if not callable(data):
+        raise UsageError(f"train.data={data!r}: bind @seqio_data() (or a callable of yours "
+                         "that returns feed.DataSources)")
+    if isinstance(data, feed.SeqioData):  # (a data source of the user's own: nothing to do)
+        tasks.register(data.resolved_data_dir(workdir),
+                       **{**bindings("tasks.register"), "mixture": data.mixture_or_task})
+
+
+def train_command(args) -> None:
+    import gin
+
+    from prealign_jax import multihost, train
+    from prealign_jax.configurables import bindings
+
+    kwargs = bindings("train", required=("model", "num_steps", "batch_size", "data"))
+    with multihost.fail_fast():  # a failed process must not leave its peers hanging
+        register_data(kwargs["data"], args.workdir)
+        train.train(args.workdir, **kwargs, run_files={RUN_CONFIG: gin.config_str()})
+
+
+def plan_command(args) -> None:
+    import jax
+
+    from prealign_jax import model as model_lib, partitioning, plan
+    from prealign_jax.configurables import bindings
+
+    try:
+        model = model_lib.ModelConfig(**bindings("ModelConfig"))
+    except TypeError:  # fields without a binding
+        raise UsageError("no model: pass a model file, e.g. --gin_file=models/1b.gin") from None
+    mesh = partitioning.MeshConfig(**bindings("MeshConfig"))
+    accelerator = plan.Accelerator(**bindings("Accelerator"))
+    train_args = bindings("train")
+    num = accelerator.num_devices or train_args.get("num_cpu_devices")
+    if args.compile and num:  # before JAX starts: a fake CPU device per target device
+        jax.config.update("jax_num_cpu_devices", num)
+    accelerator = dataclasses.replace(accelerator, num_devices=num or jax.device_count())
+    batch_devices = math.prod(plan.abstract_mesh(mesh, accelerator.num_devices).shape[a]
+                              for a in partitioning.BATCH_AXES)
+    accum = args.accum_steps or train_args.get("accum_steps") or 1
+    the_plan = plan.make_plan(
+        model, mesh, accelerator,
+        batch_size=args.batch_size or train_args.get("batch_size") or batch_devices * accum,
+        seq_len=args.seq_len or train_args.get("seq_len"), accum_steps=accum)
+    print(the_plan.describe(args.mfu))
+    if args.compile:
+        stats = plan.compile_check(the_plan)
+        print(f"XLA:CPU compile of the train step: arguments "
+              f"{stats['arguments'] / plan.GIB:.2f} GiB + temporaries "
+              f"{stats['temporaries'] / plan.GIB:.2f} GiB per device")
+
+
+def load_run(args):
+    """The run of --workdir (its run.json: model, data dir) with what the user's gin binds
+    of `ModelConfig` (e.g. --gin.ModelConfig.decode_chunk=512), `MeshConfig` (default:
+    every device on the data axis) and `seqio_data.data_dir`."""
+    from prealign_jax import inference, partitioning
+    from prealign_jax.configurables import bindings
+
+    return inference.load_run(args.workdir, model_overrides=bindings("ModelConfig"),
+                              mesh=partitioning.MeshConfig(**bindings("MeshConfig")),
+                              data_dir=bindings("seqio_data").get("data_dir"))
+
+
+def sample_command(args) -> None:
+    from prealign_jax import inference, modes, sampling
+
+    policy = modes.get_policy(args.policy)
+    cfg = sampling.SamplingConfig(**{k: getattr(args, k) for k in sampling.FLAGS
+                                     if getattr(args, k) is not None})
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples={args.num_samples}: must be >= 1")
+    sampling.check_seed(args.seed)
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise UsageError(f"--output={args.output}: the directory "
+                         f"{os.path.dirname(os.path.abspath(args.output))} does not exist")
+    run = load_run(args)
+    sampler = sampling.Sampler(run.model_cfg, run.params, run.vocab, policy, run.mesh, cfg)
+    prompt = sampling.make_prompt(args.prompt, run.vocab, policy, mode=args.mode,
+                                  raw=args.raw_prompt)
+    samples = sampler.generate([prompt] * args.num_samples, seed=args.seed,
+                               use_mask=not args.no_mask)
+    print(f"run {args.workdir} (step {run.step}) | policy {policy.name} | "
+          f"mask {'off' if args.no_mask else 'on'} | prompt {prompt.text!r}")
+    verdicts = collections.Counter()
+    for i, s in enumerate(samples):
+        verdict = {True: "well-formed", False: "NOT well-formed",
+                   None: "truncated at max_new_tokens"}[inference.well_formed(s)]
+        verdicts[verdict] += 1
+        print(f"--- sample {i} ({verdict}, {len(s.tokens)} tokens, final state "
+              f"{s.final_state})")
+        print(prompt.text + s.text)
+        print(f"    modes: {inference.mode_runs(s.modes)}")
+    print(", ".join(f"{n} {v}" for v, n in sorted(verdicts.items())))
+    if args.output:
+        with open(args.output, "w") as f:
+            for s in samples:
+                f.write(json.dumps({**dataclasses.asdict(s), "policy": policy.name,
+                                    "mask": not args.no_mask,
+                                    "well_formed": inference.well_formed(s)}) + "\n")
+        print(f"wrote {len(samples)} samples to {args.output}")
+
+
+def eval_command(args) -> None:
+    from prealign_jax import evaluation
+    from prealign_jax.configurables import bindings
+
+    report = evaluation.evaluate(load_run(args), args.output_dir, **bindings("evaluate"))
+    for line in evaluation.summary_lines(report):
+        print(line)
+    out = os.path.dirname(report["plots"][0])
+    print(f"wrote {os.path.join(out, evaluation.EVAL_FILE)}, "
+          f"{os.path.join(out, evaluation.SAMPLES_FILE)} and plots "
+          f"{', '.join(os.path.basename(p) for p in report['plots'])} in "
+          f"{report['seconds']:.0f}s")
+
+
+def experiment_command(args) -> None:
+    import functools
+
+    from prealign_jax import experiment, tasks
+    from prealign_jax.configurables import bindings
+
+    results = experiment.experiment(
+        args.workdir, prepare_args=bindings("prepare"),
+        train_args=bindings("train", required=("model", "num_steps", "batch_size", "data")),
+        register=functools.partial(tasks.register, **bindings("tasks.register")),
+        evaluate_args=bindings("evaluate"), **bindings("experiment"))
+    with open(os.path.join(results["workdir"], experiment.REPORT)) as f:
+        print(f.read())
+
+
+_SAMPLING_FLAGS = ((("--max_new_tokens",), dict(type=int, default=None)),
+                   (("--temperature",), dict(type=float, default=None)),
+                   (("--top_k",), dict(type=int, default=None)),
+                   (("--top_p",), dict(type=float, default=None)))
 
 COMMANDS = {
-    "policies": Command("prealign_jax.main:show_policies",
+    "policies": Command(policies_command,
                         "print the mode grammar and every policy's transition table"),
     "prepare": Command(
-        "prealign_jax.data.prepare:main",
+        prepare_command,
         "generate/ingest the corpus, train the vocabulary, write shards + manifest",
         ((("--from_text",), dict(nargs="+", metavar="FILE", help="plain text (blank-line "
                                  "separated documents) or JSONL with a 'text' field")),
-         (("--mode",), dict(default="human", choices=("human", "ai", "doc"),
-                            help="mode of ingested text")),
+         (("--text_mode",), dict(default="human", choices=("human", "ai", "doc"),
+                                 help="mode of the ingested text (default human)")),
          (("--tagged",), dict(action="store_true", help="--from_text is JSONL of tagged "
                               "documents: validate them against the grammar")),
          (("--bad_records",), dict(default="error", choices=("error", "skip"),
-                                   help="stop at a bad input record, or skip and log it")))),
-    "train": Command("prealign_jax.train:command",
-                     "train (or resume) a model: checkpoints, metrics and config in --workdir"),
+                                   help="stop at a bad input record, or skip and log it"))),
+        workdir="the data goes to <workdir>/data (or bind prepare.data_dir)"),
+    "train": Command(train_command,
+                     "train (or resume) a model: checkpoints, metrics and config in --workdir",
+                     workdir="run directory: checkpoints, metrics, config (required)"),
     "plan": Command(
-        "prealign_jax.plan:command",
+        plan_command,
         "per-device memory, FLOPs and step time of a model on a mesh (no accelerator needed)",
         ((("--batch_size",), dict(type=int, default=None, help="global sequences per step "
                                   "(default: train.batch_size if bound, else one per device)")),
@@ -61,7 +238,7 @@ COMMANDS = {
          (("--compile",), dict(action="store_true", help="also compile the train step for "
                                "the mesh on fake CPU devices and print XLA's buffer sizes")))),
     "sample": Command(
-        "prealign_jax.inference:command",
+        sample_command,
         "sample from a trained run under a policy (the transition mask)",
         ((("--policy",), dict(default="assistant", help="policy name (built-in or defined "
                                                         "in gin with policies.extra)")),
@@ -72,36 +249,29 @@ COMMANDS = {
          (("--raw_prompt",), dict(action="store_true", help="--prompt is tagged text, "
                                   "validated against the policy")),
          (("--num_samples",), dict(type=int, default=4)),
-         (("--max_new_tokens",), dict(type=int, default=128)),
-         (("--temperature",), dict(type=float, default=0.7)),
-         (("--top_k",), dict(type=int, default=0)),
-         (("--top_p",), dict(type=float, default=0.9)),
+         *_SAMPLING_FLAGS,
          (("--seed",), dict(type=int, default=0)),
          (("--no_mask",), dict(action="store_true", help="switch the transition mask off "
                                "(to measure the unconstrained model)")),
          (("--output",), dict(default=None, help="write samples as JSON lines here"))),
-        run_config=True),
+        workdir="a trained run (required)"),
     "eval": Command(
-        "prealign_jax.evaluation:command",
+        eval_command,
         "evaluate a trained run: held-out loss per mode; samples with and without the "
         "mask (violations, well-formedness, misaligned rate per mode, red-team); plots",
         ((("--output_dir",), dict(default=None, help="where eval.json, samples.jsonl and "
                                   "the plots go (default <workdir>/eval)")),),
-        run_config=True),
+        workdir="a trained run (required)"),
     "experiment": Command(
-        "prealign_jax.experiment:command",
+        experiment_command,
         "prealigned model vs. a baseline on the same documents without tags, at the same "
-        "text-token budget: prepare, train both, evaluate both, report.md with plots"),
+        "text-token budget: prepare, train both, evaluate both, report.md with plots",
+        workdir="everything goes here (required)"),
 }
-
-GIN_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "gin")
+NEEDS_WORKDIR = ("train", "sample", "eval", "experiment")
 
 
-class UsageError(UserError):
-    """A mistake in what the user typed or configured; printed as one line."""
-
-
+# ---------------------------------------------------------------- gin
 def split_gin_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separate `--gin.X=Y` overrides (T5X style) from ordinary flags."""
     rest, bindings = [], []
@@ -118,7 +288,12 @@ def split_gin_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def parse_gin(files: list[str], bindings: list[str], search_paths=(GIN_SEARCH_PATH,)) -> None:
-    """Parse gin files and bindings, turning gin's errors into a one-line UsageError."""
+    """Parse gin files and bindings (every configurable registered first), turning gin's
+    errors into a one-line UsageError; then add `policies.extra` to the policy registry."""
+    import gin
+
+    from prealign_jax import configurables
+
     for path in search_paths:
         gin.add_config_file_search_path(path)
     resolved = []
@@ -137,11 +312,12 @@ def parse_gin(files: list[str], bindings: list[str], search_paths=(GIN_SEARCH_PA
     try:
         # finalize: a `%gin.REQUIRED` binding nobody overrode is an error here
         gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=True)
-    except (ValueError, KeyError, NameError, SyntaxError) as e:
+    except (ValueError, KeyError, NameError, SyntaxError, TypeError, ImportError) as e:
         raise UsageError(f"gin configuration ({', '.join(files + bindings) or 'empty'}): "
                          f"{_first_line(e)}") from None
     finally:
         logging.getLogger().removeFilter(probes)
+    configurables.register_policies()
 
 
 class _DropGinPathProbes(logging.Filter):
@@ -157,61 +333,61 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def show_policies(args) -> None:
-    print("mode grammar: states", ", ".join(modes.MODES), "| classes",
-          ", ".join(modes.CLASSES))
-    for policy in policy_config.policies().values():
-        print(policy.compile().describe())
+# ---------------------------------------------------------------- the parser
+def version() -> str:
+    try:
+        return importlib.metadata.version("prealign-jax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prealign", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"prealign {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help)
         p.add_argument("--gin_file", action="append", default=[],
                        help="gin file (repeatable); relative paths also looked up in gin/")
-        p.add_argument("--workdir", default=None, help="run directory")
+        p.add_argument("--verbosity", type=int, default=1, choices=(0, 1, 2),
+                       help="0: warnings and errors only; 1: progress (default); 2: debug, "
+                            "with the libraries' own logs (TensorFlow, absl, ...)")
+        if command.workdir:
+            p.add_argument("--workdir", default=None, help=command.workdir)
         for names, kwargs in command.flags:
             p.add_argument(*names, **kwargs)
     return parser
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], filter_stderr: bool = False) -> int:
+    """Run one command; 2 for a user mistake. `filter_stderr`: drop native libraries'
+    routine stderr lines for the rest of the process (the console script does; a caller
+    that owns the process's stderr, e.g. a test, does not)."""
     try:
         argv, bindings = split_gin_overrides(argv)
         parser = build_parser()
         args = parser.parse_args(argv)
         if not args.command:
-            parser.print_help()
-            return 2
-        module, fn = COMMANDS[args.command].target.split(":")
-        target = getattr(importlib.import_module(module), fn)  # registers its configurables
-        files = args.gin_file
-        if COMMANDS[args.command].run_config and args.workdir:
-            run_config = os.path.join(args.workdir, "config.gin")
-            if not os.path.isfile(run_config):
-                raise UsageError(f"--workdir={args.workdir}: no config.gin; is it a run "
-                                 "directory written by prealign train?")
-            files = [run_config] + files
-        parse_gin(files, bindings)
-        args.gin_bindings = bindings  # for commands that run stages under their own gin
-        target(args)
+            parser.print_usage(sys.stderr)
+            raise UsageError("no command given; choose one of " + ", ".join(COMMANDS))
+        console.configure(args.verbosity)
+        console.quiet_libraries(args.verbosity)
+        if filter_stderr and args.verbosity < 2:
+            console.filter_native_stderr()
+        command = COMMANDS[args.command]
+        if args.command in NEEDS_WORKDIR and not args.workdir:
+            raise UsageError(f"prealign {args.command} needs --workdir=DIR")
+        parse_gin(args.gin_file, bindings)
+        command.run(args)
     except UserError as e:  # one line (gin appends "In call to configurable ..." lines)
         print(f"prealign: error: {_first_line(e)}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # a gin.REQUIRED parameter left unbound
-        if not str(e).startswith("Required bindings"):
-            raise
-        print(f"prealign: error: {_first_line(e)}; bind them in a gin file or with "
-              "--gin.NAME=VALUE", file=sys.stderr)
         return 2
     return 0
 
 
 def run() -> None:
     """Console-script entry point."""
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], filter_stderr=True))
 
 
 if __name__ == "__main__":

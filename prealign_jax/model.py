@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prealign_jax import attention
 from prealign_jax.errors import UserError
 
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("auto", "blocked", "einsum", "xla", "cudnn")
 
 # Logical axis names of the activations; parameters use the same vocabulary (see
 # partitioning.LOGICAL_RULES: a rule only applies if its mesh axis is still free, so
@@ -54,12 +54,11 @@ class ModelConfig:
     dtype of the weights. `remat`: "none" keeps every activation for the backward pass,
     "full" recomputes each layer, "dots" saves only the weight matmuls' outputs
     (jax.checkpoint_policies.dots_with_no_batch_dims_saveable, MaxText's "minimal").
-    `attention`: "blocked" (causal blocks with a flash-style custom VJP in plain jnp; the
-    fastest on CPU), "einsum" (explicit [T, T] scores), "xla" / "cudnn"
-    (jax.nn.dot_product_attention with that implementation); "auto" picks "blocked" on
-    CPU, "cudnn" on GPU in bf16/fp16 and "xla" elsewhere (set "xla" on ROCm). Decoding
-    with a cache uses `cached_attention` whatever the setting, reading the cache in
-    chunks of `decode_chunk` slots up to the live length.
+    `attention`: the training kernel, one of `attention.IMPLS` ("blocked", "einsum",
+    "xla", "cudnn", "splash"; see the attention module); "auto" is resolved per backend
+    by `attention.resolve` ("blocked" on CPU, "cudnn" on GPU in bf16/fp16, "splash" on
+    TPU). Decoding with a cache uses `attention.cached_attention` whatever the setting,
+    reading the cache in chunks of `decode_chunk` slots up to the live length.
     """
 
     vocab_size: int
@@ -80,6 +79,16 @@ class ModelConfig:
     decode_chunk: int = 2048
 
     def __post_init__(self):
+        # num_layers may be 0 (embedding and unembedding only: plan.py's baseline).
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "mlp_dim", "max_len"):
+            value = getattr(self, name)
+            if name == "head_dim" and value is None:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, int)
+                    or value < (0 if name == "num_layers" else 1)):
+                kind = "non-negative" if name == "num_layers" else "positive"
+                raise ConfigError(f"ModelConfig.{name}={value!r} must be a {kind} integer")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
                               f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
@@ -94,9 +103,7 @@ class ModelConfig:
                 or self.decode_chunk < 1):
             raise ConfigError(f"ModelConfig.decode_chunk={self.decode_chunk!r}: must be an "
                               "integer >= 1 (cache slots per block of decode attention)")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ConfigError(f"ModelConfig.attention={self.attention!r}: use one of "
-                              f"{ATTENTION_IMPLS}")
+        attention.check(self.attention)
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
@@ -204,198 +211,6 @@ def rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _attention_impl(cfg: ModelConfig) -> str:
-    """"auto": blocked on CPU; cuDNN flash attention on GPUs in 16-bit compute (on an
-    H200 it gave 1.5-1.7x the training throughput of "xla" at 125m-1b); XLA otherwise."""
-    if cfg.attention != "auto":
-        return cfg.attention
-    backend = jax.default_backend()
-    if backend == "cpu":
-        return "blocked"
-    if backend == "gpu" and jnp.dtype(cfg.dtype).itemsize == 2:
-        return "cudnn"
-    return "xla"
-
-
-def attend(q, k, v, mask, impl: str = "einsum"):
-    """Grouped-query attention under an explicit mask: q[B,T,H,hd], k/v[B,S,KV,hd],
-    mask[B,T,S] bool -> [B,T,H,hd]. Softmax in float32; every query row must allow at
-    least one key."""
-    if impl in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, hd) * jnp.asarray(hd ** -0.5, q.dtype)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, hd)
-
-
-def causal_attention(q, k, v, segment_ids, impl: str):
-    """Packed causal self-attention: q[B,T,H,hd], k/v[B,T,KV,hd] -> [B,T,H,hd]; token t
-    sees tokens s <= t of its own segment (padding, segment 0, sees only padding)."""
-    if impl == "blocked":
-        heads_first = lambda x: x.transpose(0, 2, 1, 3)
-        scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-        out = blocked_attention(heads_first(q) * scale, heads_first(k), heads_first(v),
-                                segment_ids, _block_size(q.shape[1]))
-        return heads_first(out)
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    if impl in ("xla", "cudnn"):  # is_causal lets cuDNN skip the blocks above the diagonal
-        return jax.nn.dot_product_attention(q, k, v, mask=same_segment[:, None],
-                                            is_causal=True, implementation=impl)
-    t = q.shape[1]
-    return attend(q, k, v, same_segment & jnp.tril(jnp.ones((t, t), bool)), impl)
-
-
-def cached_attention(q, k_cache, v_cache, seg_cache, q_segments, index, chunk: int):
-    """Attention of T new queries over a KV cache, flash-decoding style.
-
-    q[B,T,H,hd] sits at cache slots index..index+T-1; k_cache[B,KV,hd,S],
-    v_cache[B,KV,S,hd] and seg_cache[B,S] hold what was written so far. Query t sees slots
-    s <= index + t whose segment id equals its own (so padding and finished rows stay
-    apart); every query sees at least its own slot. A cache of more than `chunk` slots is
-    read in chunks up to the live length only, with an online softmax: a step costs
-    O(slots written), not O(S)."""
-    b, t, h, hd = q.shape
-    kv, s_len = k_cache.shape[1], k_cache.shape[3]
-    q = q.reshape(b, t, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, hd]
-    q = q * jnp.asarray(hd ** -0.5, q.dtype)
-    q_slot = index + jnp.arange(t)
-    neg_inf = jnp.float32(-jnp.inf)
-
-    def scores_of(k, seg, slots):
-        mask = ((slots[None] <= q_slot[:, None])[None]
-                & (seg[:, None, :] == q_segments[:, :, None]))
-        scores = jnp.einsum("bkgtd,bkdc->bkgtc", q, k, preferred_element_type=jnp.float32)
-        return jnp.where(mask[:, None, None], scores, neg_inf)  # mask [B, T, C]
-
-    def values(p, v):
-        return jnp.einsum("bkgtc,bkcd->bkgtd", p.astype(v.dtype), v,
-                          preferred_element_type=jnp.float32)
-
-    if s_len <= chunk:  # one block: no loop, no slicing
-        scores = scores_of(k_cache, seg_cache, jnp.arange(s_len))
-        p = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-        out = values(p, v_cache) / p.sum(axis=-1)[..., None]
-    else:
-        def body(c, carry):
-            m, denom, acc = carry  # [B, KV, G, T] twice, [B, KV, G, T, hd]; float32
-            start = jnp.minimum(c * chunk, s_len - chunk)  # the last chunk may overlap
-            slots = start + jnp.arange(chunk)
-            scores = scores_of(jax.lax.dynamic_slice_in_dim(k_cache, start, chunk, axis=3),
-                               jax.lax.dynamic_slice_in_dim(seg_cache, start, chunk, axis=1),
-                               slots)
-            scores = jnp.where(slots >= c * chunk, scores, neg_inf)  # not read twice
-            m_new = jnp.maximum(m, scores.max(axis=-1))
-            base = jnp.where(m_new == neg_inf, 0.0, m_new)  # nothing visible yet in the row
-            p = jnp.exp(scores - base[..., None])
-            scale = jnp.exp(m - base)
-            v = jax.lax.dynamic_slice_in_dim(v_cache, start, chunk, axis=2)
-            return (m_new, denom * scale + p.sum(axis=-1),
-                    acc * scale[..., None] + values(p, v))
-
-        init = (jnp.full(q.shape[:-1], neg_inf), jnp.zeros(q.shape[:-1], jnp.float32),
-                jnp.zeros(q.shape, jnp.float32))
-        live_chunks = (index + t + chunk - 1) // chunk
-        _, denom, acc = jax.lax.fori_loop(0, live_chunks, body, init)
-        out = acc / denom[..., None]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd).astype(v_cache.dtype)
-
-
-# ---------------------------------------------------------------- blocked attention
-# Flash-attention's algorithm in plain jnp, for XLA:CPU, where the elementwise passes over
-# [B, H, T, T] cost more than the matmuls: query block i only meets keys [0, (i+1)·c)
-# (the fully masked blocks above the diagonal are skipped), the softmax is normalised on
-# the [.., c, hd] output instead of the [.., c, s] probabilities, and the backward pass
-# recomputes probabilities from the saved log-sum-exp, with the softmax-gradient row sums
-# taken as rowsum(dout * out) instead of over [T, T]. Layout: heads first,
-# q[B,H,T,hd] (pre-scaled), k/v[B,KV,T,hd]; query head h uses kv head h // (H / KV).
-
-
-def _block_size(t: int) -> int:
-    """Query block length: 64 (128 past 1024 tokens, to bound the unrolled graph), else the
-    largest power of two that divides t, else t. 64 measured fastest here at T = 256 and
-    512 (vs 32 and 128: 1.2-1.7x)."""
-    for c in (128, 64, 32, 16, 8) if t > 1024 else (64, 32, 16, 8):
-        if t % c == 0 and t > c:
-            return c
-    return t
-
-
-def _block_scores(q5, k, segment_ids, i, c):
-    """Masked float32 scores of query block i: [B, KV, G, c, s] with s = (i+1)·c."""
-    b, kv, g, _, hd = q5.shape
-    s = (i + 1) * c
-    qi = q5[:, :, :, i * c:s].reshape(b, kv, g * c, hd)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qi, k[:, :, :s],
-                        preferred_element_type=jnp.float32).reshape(b, kv, g, c, s)
-    seg_q, seg_k = segment_ids[:, i * c:s], segment_ids[:, :s]
-    causal = (i * c + jnp.arange(c))[:, None] >= jnp.arange(s)[None, :]
-    mask = (seg_q[:, :, None] == seg_k[:, None, :]) & causal
-    return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min), qi
-
-
-def _group(x, kv):
-    b, h, t, hd = x.shape
-    return x.reshape(b, kv, h // kv, t, hd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def blocked_attention(q, k, v, segment_ids, block: int):
-    """Causal packed attention in query blocks of `block` (see the comment above)."""
-    return _blocked_fwd(q, k, v, segment_ids, block)[0]
-
-
-def _blocked_fwd(q, k, v, segment_ids, block):
-    b, h, t, hd = q.shape
-    kv = k.shape[1]
-    q5 = _group(q, kv)
-    outs, lses = [], []
-    for i in range(t // block):
-        scores, _ = _block_scores(q5, k, segment_ids, i, block)
-        m = scores.max(axis=-1, keepdims=True)
-        e = jnp.exp(scores - m)
-        denom = e.sum(axis=-1, keepdims=True)
-        o = jnp.einsum("bkqs,bksd->bkqd", e.astype(v.dtype).reshape(b, kv, -1, e.shape[-1]),
-                       v[:, :, :e.shape[-1]], preferred_element_type=jnp.float32)
-        outs.append(o.reshape(e.shape[:-1] + (hd,)) / denom)
-        lses.append(m + jnp.log(denom))
-    out = jnp.concatenate(outs, axis=3).reshape(b, h, t, hd).astype(q.dtype)
-    return out, (q, k, v, segment_ids, out, jnp.concatenate(lses, axis=3))
-
-
-def _blocked_bwd(block, res, dout):
-    q, k, v, segment_ids, out, lse = res
-    b, h, t, hd = q.shape
-    kv = k.shape[1]
-    q5, do5 = _group(q, kv), _group(dout, kv)
-    delta = jnp.sum(do5.astype(jnp.float32) * _group(out, kv).astype(jnp.float32), axis=-1,
-                    keepdims=True)
-    dq = []
-    dk = jnp.zeros(k.shape, jnp.float32)
-    dv = jnp.zeros(v.shape, jnp.float32)
-    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-    for i in range(t // block):
-        s, rows = (i + 1) * block, slice(i * block, (i + 1) * block)
-        scores, qi = _block_scores(q5, k, segment_ids, i, block)
-        p = jnp.exp(scores - lse[:, :, :, rows])  # [B, KV, G, c, s]
-        doi = do5[:, :, :, rows].reshape(b, kv, -1, hd)
-        dp = f32("bkqd,bksd->bkqs", doi, v[:, :, :s]).reshape(p.shape)
-        ds = (p * (dp - delta[:, :, :, rows])).astype(q.dtype).reshape(b, kv, -1, s)
-        p = p.astype(v.dtype).reshape(b, kv, -1, s)
-        dv = dv.at[:, :, :s].add(f32("bkqs,bkqd->bksd", p, doi))
-        dk = dk.at[:, :, :s].add(f32("bkqs,bkqd->bksd", ds, qi))
-        dq.append(f32("bkqs,bksd->bkqd", ds, k[:, :, :s]).reshape(b, kv, -1, block, hd))
-    dq = jnp.concatenate(dq, axis=3).reshape(q.shape)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
-
-
 class Attention(nn.Module):
     """Causal, packing-aware grouped-query self-attention with an optional KV cache."""
 
@@ -424,7 +239,7 @@ class Attention(nn.Module):
         if self.decode:
             out = self._cached_attention(q, k, v, segment_ids)
         else:
-            out = causal_attention(q, k, v, segment_ids, _attention_impl(cfg))
+            out = attention.causal_attention(q, k, v, segment_ids, cfg.attention)
         out = nn.with_logical_constraint(out, ACT_HEADS)
         return dense(out, wo, in_dims=2)
 
@@ -451,8 +266,9 @@ class Attention(nn.Module):
             cached_v.value, v.transpose(0, 2, 1, 3).astype(dtype), (0, 0, i, 0))
         cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids, (0, i))
         index.value = i + t
-        return cached_attention(q, cached_k.value, cached_v.value, cached_seg.value,
-                                segment_ids, i, self.cfg.decode_chunk)
+        return attention.cached_attention(q, cached_k.value, cached_v.value,
+                                          cached_seg.value, segment_ids, i,
+                                          self.cfg.decode_chunk)
 
 
 class Mlp(nn.Module):
@@ -510,7 +326,8 @@ class Decoder(nn.Module):
     so a batch of prompts may be left- or right-aligned (right: a row's next token takes
     its own next *position* at the batch's next *slot*). A prefill is one or more calls
     with the prompt, then one token per call; at most the cache length in slots in all.
-    Attention in decode mode costs O(slots written so far) (`cached_attention`).
+    Attention in decode mode costs O(slots written so far)
+    (`attention.cached_attention`).
     """
 
     cfg: ModelConfig
@@ -551,6 +368,24 @@ class Decoder(nn.Module):
     def init_cache(self, batch: int, max_len: int) -> Any:
         """See the module function `init_cache`."""
         return init_cache(self.cfg, batch, max_len)
+
+
+# The fields that decide the parameters' shapes: a checkpoint loads only into a model that
+# agrees on them; the others (attention, dtypes, decode_chunk) may change.
+WEIGHT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim", "tie_embeddings", "scan_layers")
+
+
+def weight_changes(saved: ModelConfig, new: ModelConfig) -> list[str]:
+    """`ModelConfig.F=new (the run has saved)` for each of WEIGHT_FIELDS that differs."""
+    return [f"ModelConfig.{f}={getattr(new, f)!r} (the run has {getattr(saved, f)!r})"
+            for f in WEIGHT_FIELDS if getattr(new, f) != getattr(saved, f)]
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+    """The parameters' shapes, dtypes and logical axes (boxed), nothing allocated."""
+    dummy = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(Decoder(cfg).init, jax.random.key(0), dummy, dummy, dummy)["params"]
 
 
 def abstract_cache(cfg: ModelConfig, batch: int, max_len: int) -> Any:

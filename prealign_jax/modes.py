@@ -1,7 +1,7 @@
 """The mode grammar, defined once: states, tags, policies and their compiled FSM tables.
 
 Everything that needs to know which tag may follow which — data validation (`tags.py`),
-per-mode training metrics (`train.py`), the decode-time transition mask (`sampling.py`) —
+per-mode metric groups (`GROUPS`, trainer and evaluation), the decode-time transition mask (`sampling.py`) —
 reads the tables built here. No other module spells out a transition rule.
 
 Vocabulary-independent layer: every token falls in one *token class* (ordinary text, one of
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -102,11 +102,19 @@ class PolicyTables:
     def allowed_classes(self, state: int) -> list[str]:
         return [CLASSES[c] for c in np.flatnonzero(self.delta[state] >= 0)]
 
-    def for_vocab(self, token_class: np.ndarray) -> "VocabTables":
+    def for_vocab(self, token_class: np.ndarray, never: Sequence[int] = ()) -> "VocabTables":
+        """The tables over a vocabulary's ids (`token_class[V]`); ids in `never` are allowed
+        in no state (the sampler's pad and unk)."""
         token_class = np.asarray(token_class, np.int32)
-        next_state = self.delta[:, token_class]
-        return VocabTables(policy=self, token_class=token_class,
-                           allowed=next_state >= 0, next_state=next_state)
+        next_state = transition_table(self)[:, token_class]
+        allowed = np.concatenate([self.delta[:, token_class] >= 0,
+                                  (token_class != PAD_CLASS)[None]])
+        allowed[:, list(never)] = False
+        empty = [self.states[s] for s in reachable_states(self) if not allowed[s].any()]
+        if empty:
+            raise PolicyError(f"policy {self.name!r}: no id of this vocabulary is allowed in "
+                              f"state(s) {empty}; use the run's own vocabulary")
+        return VocabTables(allowed, next_state, np.append(self.state_mode, INVALID_MODE))
 
     def describe(self) -> str:
         """The table as text: one row per state, the allowed classes and their targets."""
@@ -118,22 +126,15 @@ class PolicyTables:
         return "\n".join(rows)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class VocabTables:
-    """A policy compiled for one vocabulary: the static arrays the sampler closes over."""
+class VocabTables(NamedTuple):
+    """A policy compiled for one vocabulary, with the absorbing invalid state S appended:
+    the static arrays the jitted sampler reads (a pytree). Forbidden ids lead to S; row S,
+    reached only with the mask off, is also the row read when the mask is off: every id but
+    PAD-class ones and the `never` ids of `for_vocab`."""
 
-    policy: PolicyTables
-    token_class: np.ndarray  # [V] int32
-    allowed: np.ndarray  # [S, V] bool
-    next_state: np.ndarray  # [S, V] int32, -1 where forbidden
-
-    def with_invalid_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(allowed[S+1, V], next_state[S+1, V], state_mode[S+1]) with the absorbing
-        invalid state S appended: forbidden tokens lead there, and it allows every token
-        (it is reached only when the mask is switched off)."""
-        next_state = transition_table(self.policy)[:, self.token_class]
-        allowed = np.concatenate([self.allowed, np.ones_like(self.allowed[:1])])
-        return allowed, next_state, np.append(self.policy.state_mode, INVALID_MODE)
+    allowed: Any  # [S+1, V] bool
+    next_state: Any  # [S+1, V] int32
+    state_mode: Any  # [S+1] int32: mode id of each state (INVALID_MODE for S)
 
 
 def _compile(policy: Policy) -> PolicyTables:
@@ -245,16 +246,27 @@ HUMAN_ONLY = Policy(
                  "human text -> human", "human </human> -> doc"),
 )
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (GRAMMAR, ASSISTANT, HUMAN_ONLY)}
+BUILT_IN = (GRAMMAR, ASSISTANT, HUMAN_ONLY)
+# The policy registry: the built-in policies and those registered (e.g. from gin's
+# `policies.extra`, gin/policies/*.gin). Every lookup by name goes through `get_policy`.
+POLICIES: dict[str, Policy] = {p.name: p for p in BUILT_IN}
+
+
+def register_policy(policy: Policy) -> None:
+    """Add a policy to the registry (validated now); a built-in name cannot be redefined."""
+    if any(policy.name == p.name and policy != p for p in BUILT_IN):
+        raise PolicyError(f"policy {policy.name!r} is built in; give yours another name")
+    policy.compile()
+    POLICIES[policy.name] = policy
 
 
 def get_policy(policy: str | Policy) -> Policy:
-    """A policy by name (built-in) or as given; unknown names list the known ones."""
+    """A policy by name (registered) or as given; unknown names list the known ones."""
     if isinstance(policy, Policy):
         return policy
     if policy not in POLICIES:
         raise PolicyError(f"unknown policy {policy!r}; known policies: {sorted(POLICIES)} "
-                          "(or define one in gin with modes.Policy)")
+                          "(define more in gin with policies.extra)")
     return POLICIES[policy]
 
 
@@ -356,3 +368,24 @@ def is_well_formed(tables: PolicyTables, classes: Sequence[int]) -> bool:
         if state < 0:
             return False
     return bool(tables.delta[state, EOS_CLASS] >= 0)
+
+
+# ---------------------------------------------------------------- per-mode metric groups
+# What the trainer's per-mode metrics and the held-out evaluation group target tokens by:
+# text read in each mode (the first len(MODES) groups), every tag, EOS.
+GROUPS = MODES + ("tag", "eos")
+
+
+def token_groups(targets, segment_ids, token_class):
+    """bool [G, B, T]: membership of each target token in `GROUPS` (padding in none), its
+    mode read by the grammar over each packed segment; jit-friendly."""
+    import jax.numpy as jnp
+
+    classes = jnp.asarray(token_class)[targets]
+    mode_ids, _, _ = run_jax(grammar_tables(), classes, segment_ids)
+    real = segment_ids != 0
+    text = real & (classes == TEXT)
+    by_mode = [text & (mode_ids == MODES.index(m)) for m in MODES]
+    tag = real & (classes >= 1) & (classes <= len(TAGS))
+    eos = real & (classes == EOS_CLASS)
+    return jnp.stack(by_mode + [tag, eos])

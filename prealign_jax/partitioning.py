@@ -109,6 +109,13 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
     return nn.logical_to_mesh_sharding(logical_specs(abstract_tree), mesh, rules)
 
 
+def sharded_shapes(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """The unboxed ShapeDtypeStructs of an abstract (boxed) tree, each with its
+    NamedSharding: what orbax restores into and what `.lower` compiles for."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nn.unbox(abstract_tree), param_shardings(abstract_tree, mesh, rules))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a batch array ([B, ...]): rows over ('data', 'fsdp')."""
     return NamedSharding(mesh, P(BATCH_AXES))

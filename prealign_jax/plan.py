@@ -13,7 +13,9 @@ Per device, in the order the train step holds them:
   `accum_steps > 1`, a float32 accumulator plus one micro-batch's gradients.
 - activations: the residuals `jax.vjp` saves between the forward and the backward pass
   of one device's share of a micro-batch, under the model's remat policy — traced on the
-  per-device program (batch rows / (data·fsdp); heads, MLP and vocabulary / tensor).
+  per-device program (batch rows / (data·fsdp); heads, MLP and vocabulary / tensor), with
+  the attention kernel `attention.resolve` picks for the target (cuDNN, which cannot be
+  traced off a GPU, is modelled: see `saved_bytes`).
 - backward working set: the larger of (a) one layer rematerialised in the backward pass
   (its residuals without remat; 0 with remat 'none', whose residuals are all counted
   above) and (b) the loss head's float32 logit gradient and softmax, 2·b·T·V/tensor·4 B.
@@ -38,14 +40,13 @@ import functools
 import math
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 from jax.sharding import AbstractMesh, AxisType
 
-from prealign_jax import modes, partitioning, train
+from prealign_jax import attention, modes, partitioning, train
 from prealign_jax import model as model_lib
 from prealign_jax.errors import UserError
 
@@ -57,15 +58,14 @@ class PlanError(UserError):
     """A model / mesh / batch combination that cannot be laid out (names the binding)."""
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Accelerator:
     """The hardware a mesh file describes (gin/meshes/*.gin), as the planner needs it.
 
     `num_devices`: JAX devices of the slice (TPU: chips; GPU: GPUs); None plans for
     `train.num_cpu_devices` if bound, else this machine's devices. `hbm_bytes`: memory of
-    one device. `peak_flops`: dense bf16 FLOP/s of one device. `platform` decides what
-    `ModelConfig.attention='auto'` becomes ('blocked' on cpu, 'xla' elsewhere).
+    one device. `peak_flops`: dense bf16 FLOP/s of one device. `platform` ('cpu' | 'gpu' |
+    'tpu') decides what `ModelConfig.attention='auto'` becomes (`attention.resolve`).
     """
 
     name: str = "this machine"
@@ -73,6 +73,18 @@ class Accelerator:
     hbm_bytes: float | None = None
     peak_flops: float | None = None
     platform: str = "cpu"
+
+    def __post_init__(self):
+        n = self.num_devices
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise PlanError(f"Accelerator.num_devices={n!r}: a positive integer, or None")
+        for field in ("hbm_bytes", "peak_flops"):
+            v = getattr(self, field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v) or v <= 0):
+                raise PlanError(f"Accelerator.{field}={v!r}: a positive number, or None")
+        if self.platform not in ("cpu", "gpu", "tpu"):
+            raise PlanError(f"Accelerator.platform={self.platform!r}: 'cpu', 'gpu' or 'tpu'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +221,7 @@ def make_plan(model: model_lib.ModelConfig, mesh: partitioning.MeshConfig,
 def local_config(cfg: model_lib.ModelConfig, tensor: int,
                  platform: str) -> model_lib.ModelConfig:
     """One device's share of a tensor-parallel model (heads, kv heads, MLP and vocabulary
-    divided by `tensor`), with `attention='auto'` resolved for `platform`."""
+    divided by `tensor`), with its attention kernel resolved for `platform`."""
     def split(name):
         n = getattr(cfg, name)
         if n % tensor:
@@ -217,22 +229,27 @@ def local_config(cfg: model_lib.ModelConfig, tensor: int,
                             f"{tensor}")
         return n // tensor
 
-    attention = cfg.attention
-    if attention == "auto":  # as model.py resolves it on that backend
-        attention = "blocked" if platform == "cpu" else "xla"
     return dataclasses.replace(cfg, head_dim=cfg.dims_per_head, num_heads=split("num_heads"),
                                num_kv_heads=split("num_kv_heads"), mlp_dim=split("mlp_dim"),
-                               vocab_size=split("vocab_size"), attention=attention)
+                               vocab_size=split("vocab_size"),
+                               attention=attention.resolve(cfg.attention, platform, cfg.dtype))
 
 
 @functools.cache
 def saved_bytes(cfg: model_lib.ModelConfig, rows: int, seq_len: int) -> int:
     """Bytes of the residuals `jax.vjp` keeps for the backward pass of the training loss
-    on a [rows, seq_len] batch (parameters and inputs, held anyway, not counted)."""
+    on a [rows, seq_len] batch (parameters and inputs, held anyway, not counted).
+
+    "cudnn" cannot be traced off a GPU: it keeps what "blocked" keeps (q, k, v, output,
+    log-sum-exp; no [T, T] scores), plus the segment mask that jax.nn.dot_product_attention
+    hands cuDNN as a [rows, 1, T, T] bias in the compute dtype; one copy (every layer's is
+    the same), kept unless remat recomputes the attention."""
+    if cfg.attention == "cudnn":
+        bias = (rows * seq_len ** 2 * jnp.dtype(cfg.dtype).itemsize
+                if cfg.remat == "none" and cfg.num_layers else 0)
+        return saved_bytes(dataclasses.replace(cfg, attention="blocked"), rows, seq_len) + bias
     model = model_lib.Decoder(cfg)
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    params = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy,
-                                                        dummy + 1)["params"]))
+    params = nn.unbox(model_lib.abstract_params(cfg))
     batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if k ==
                                      "decoder_loss_weights" else jnp.int32)
              for k in train.FEATURES}
@@ -315,40 +332,3 @@ def compile_check(plan: Plan) -> dict[str, float]:
     with partitioning.activate(mesh):
         stats = steps.train.lower(steps.abstract_state, batch).compile().memory_analysis()
     return {"arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes}
-
-
-def _bound(name: str, default):
-    try:
-        value = gin.query_parameter(name)
-    except ValueError:
-        return default
-    return default if value is None else value
-
-
-def command(args) -> None:
-    """`prealign plan --gin_file=models/M.gin --gin_file=meshes/X.gin [--batch_size=N]
-    [--seq_len=T] [--accum_steps=A] [--mfu=F] [--compile]`."""
-    try:
-        model = gin.get_configurable("ModelConfig")()
-    except TypeError:  # fields without a binding
-        raise PlanError("no model: pass a model file, e.g. --gin_file=models/1b.gin") from None
-    mesh = gin.get_configurable("MeshConfig")()
-    accelerator = Accelerator()
-    num = accelerator.num_devices or _bound("train.num_cpu_devices", None)
-    if args.compile and num:  # before JAX starts: a fake CPU device per target device
-        jax.config.update("jax_num_cpu_devices", num)
-    accelerator = dataclasses.replace(accelerator, num_devices=num or jax.device_count())
-    batch_devices = math.prod(abstract_mesh(mesh, accelerator.num_devices).shape[a]
-                              for a in partitioning.BATCH_AXES)
-    accum = args.accum_steps or _bound("train.accum_steps", 1)
-    plan = make_plan(model, mesh, accelerator,
-                     batch_size=args.batch_size or _bound("train.batch_size",
-                                                          batch_devices * accum),
-                     seq_len=args.seq_len or _bound("train.seq_len", None),
-                     accum_steps=accum)
-    print(plan.describe(args.mfu))
-    if args.compile:
-        stats = compile_check(plan)
-        print(f"XLA:CPU compile of the train step: arguments "
-              f"{stats['arguments'] / GIB:.2f} GiB + temporaries "
-              f"{stats['temporaries'] / GIB:.2f} GiB per device")

@@ -36,10 +36,10 @@ import numpy as np
 from prealign_jax import model as model_lib, modes, partitioning, tags, vocab as vocab_lib
 from prealign_jax.errors import UserError
 
-PAD_ID, EOS_ID = vocab_lib.PAD_ID, vocab_lib.EOS_ID
 NEVER_SAMPLED = (vocab_lib.PAD_ID, vocab_lib.UNK_ID)  # ids that are never text
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6  # beyond: 0 (greedy) is the limit, or a typo
-_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p")  # set by CLI flags and gin
+FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p")  # set by CLI flags and gin
+MAX_SEED = 2 ** 63 - 1  # a PRNG seed is a signed 64-bit integer
 
 
 class SamplingError(UserError):
@@ -50,12 +50,13 @@ class SamplingError(UserError):
 class SamplingConfig:
     """How tokens are drawn: temperature 0 (greedy) or in [MIN_TEMPERATURE,
     MAX_TEMPERATURE]; top_k 0 (off) or a positive count; top_p in (0, 1] (1 is off).
-    NaN and infinities are refused."""
+    NaN and infinities are refused. The defaults are the project's decoding defaults
+    (`prealign sample`, `prealign eval`): temperature 0.7, nucleus 0.9."""
 
     max_new_tokens: int = 128
-    temperature: float = 1.0
+    temperature: float = 0.7
     top_k: int = 0
-    top_p: float = 1.0
+    top_p: float = 0.9
     top_p_candidates: int = 256  # top-p cuts the nucleus among this many likeliest tokens
     prefill_chunk: int = 512  # prompt tokens per model call in the prefill
 
@@ -63,7 +64,7 @@ class SamplingConfig:
         def number(name, kind):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-                where = f" (--{name} / evaluate.{name})" if name in _FLAGS else ""
+                where = f" (--{name} / evaluate.{name})" if name in FLAGS else ""
                 raise SamplingError(f"{name}={value!r}: must be a finite number{where}")
             return value
 
@@ -83,28 +84,9 @@ class SamplingConfig:
                 raise SamplingError(f"{name}={getattr(self, name)}: must be >= 1")
 
 
-class MaskTables(NamedTuple):
-    """A policy compiled for a vocabulary, with the absorbing invalid state appended.
-
-    Row S (the invalid state, reached only with the mask off) is also the row read when the
-    mask is off: it allows every id but those of `NEVER_SAMPLED` and PAD class."""
-
-    allowed: Any  # [S+1, V] bool
-    next_state: Any  # [S+1, V] int32
-    state_mode: Any  # [S+1] int32
-
-    @classmethod
-    def build(cls, policy: modes.Policy | str, token_class: np.ndarray) -> "MaskTables":
-        tables = modes.get_policy(policy).compile()
-        allowed, next_state, state_mode = tables.for_vocab(token_class).with_invalid_state()
-        allowed[:, list(NEVER_SAMPLED)] = False
-        allowed[-1] &= token_class != modes.PAD_CLASS
-        empty = [tables.states[s] for s in modes.reachable_states(tables)
-                 if not allowed[s].any()]
-        if empty:
-            raise SamplingError(f"policy {tables.name!r}: no id of this vocabulary is "
-                                f"allowed in state(s) {empty}; use the run's own vocabulary")
-        return cls(allowed, next_state, state_mode)
+def mask_tables(policy: modes.Policy | str, token_class: np.ndarray) -> modes.VocabTables:
+    """The policy's tables over a model's ids; pad and unk are never drawn, mask on or off."""
+    return modes.get_policy(policy).compile().for_vocab(token_class, never=NEVER_SAMPLED)
 
 
 class SampleOutput(NamedTuple):
@@ -151,7 +133,7 @@ def sampling_logits(logits, allowed, cfg: SamplingConfig):
 
 
 def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
-           tables: MaskTables | None, rng, use_mask, *, cfg: SamplingConfig) -> SampleOutput:
+           tables: modes.VocabTables | None, rng, use_mask, *, cfg: SamplingConfig) -> SampleOutput:
     """Prefill `prompt[B, P]` (each row `[0, ids...]`, right-padded; `prompt_lengths[B]`
     counts the leading 0) and sample up to `cfg.max_new_tokens` per row. Pure; jit it.
 
@@ -183,7 +165,7 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
             token = _argmax(logits + jax.random.gumbel(key, logits.shape))
         else:
             token = _argmax(logits)
-        token = jnp.where(done, PAD_ID, token)
+        token = jnp.where(done, vocab_lib.PAD_ID, token)
         log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
         mode = modes.INVALID_MODE if tables is None else tables.state_mode[state]
         out = SampleOutput(
@@ -196,10 +178,10 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
             state = jnp.where(done, state, tables.next_state[state, token])
         logits, cache = step_fn(params, cache, token[:, None], (prompt_lengths + i)[:, None],
                                 (~done).astype(jnp.int32)[:, None])
-        done = done | (token == EOS_ID)
+        done = done | (token == vocab_lib.EOS_ID)
         return i + 1, logits[:, 0], cache, state, out, done, rng
 
-    out = SampleOutput(tokens=jnp.full((b, n), PAD_ID, jnp.int32),
+    out = SampleOutput(tokens=jnp.full((b, n), vocab_lib.PAD_ID, jnp.int32),
                        mode_ids=jnp.full((b, n), modes.INVALID_MODE, jnp.int32),
                        log_probs=jnp.zeros((b, n), jnp.float32),
                        lengths=jnp.zeros((b,), jnp.int32), final_state=init_state)
@@ -208,10 +190,18 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
     return out._replace(final_state=state)
 
 
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise SamplingError(f"seed={seed!r} (--seed / evaluate.seed): must be an integer in "
+                            f"[0, {MAX_SEED}]")
+    return seed
+
+
 def sampling_key(seed: int):
     """The decode loop's PRNG key: RBG on TPU (its hardware generator; T5X's choice),
     threefry elsewhere, where RBG is emulated: on this CPU the Gumbel noise for 8 x 8192
     logits took 1.25 ms with RBG and 0.44 ms with threefry."""
+    check_seed(seed)
     return jax.random.key(seed, impl="rbg" if jax.default_backend() == "tpu" else "threefry2x32")
 
 
@@ -277,6 +267,11 @@ def make_prompt(text: str, vocab, policy: modes.Policy | str, mode: str | None =
     valid prefix under the policy.
     """
     name = modes.get_policy(policy).name
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 (a shell passes them on)
+        raise SamplingError(f"--prompt: not valid UTF-8 at character {e.start}; pass the "
+                            "prompt as UTF-8 text") from None
     if mode is not None and mode not in ("human", "ai"):
         raise SamplingError(f"--mode {mode}: choose human or ai (quotes open inside ai)")
     tagged = text if raw else tags.escape(text)
@@ -336,7 +331,7 @@ def _compiled_decode(model_cfg, cfg: SamplingConfig, mesh, batch: int, prompt_le
         cache = jax.lax.with_sharding_constraint(
             model_lib.init_cache(model_cfg, batch, total), cache_sharding)
         return decode(step_fn, params, cache, prompt, lengths, init_state,
-                      MaskTables(*tables) if masked else None, rng, use_mask, cfg=cfg)
+                      modes.VocabTables(*tables) if masked else None, rng, use_mask, cfg=cfg)
 
     return jax.jit(run, out_shardings=partitioning.batch_sharding(mesh))
 
@@ -358,7 +353,7 @@ class Sampler:
             raise SamplingError(f"top_k={cfg.top_k} exceeds the vocabulary's "
                                 f"{vocab.vocab_size} ids (--top_k / evaluate.top_k); use "
                                 "0 (off) or a smaller value")
-        self.tables = MaskTables.build(self.policy, vocab_lib.model_token_classes(
+        self.tables = mask_tables(self.policy, vocab_lib.model_token_classes(
             vocab_lib.token_classes(vocab), model_cfg.vocab_size))
         self._device_tables = jax.device_put(tuple(self.tables), partitioning.replicated(mesh))
         self._multiple = partitioning.batch_size_multiple(mesh)
@@ -401,6 +396,6 @@ class Sampler:
                 modes=tuple(modes.MODES[m] if m >= 0 else "<invalid>"
                             for m in out.mode_ids[r, :n]),
                 log_probs=tuple(float(x) for x in out.log_probs[r, :n]),
-                ended=bool(n and out.tokens[r, n - 1] == EOS_ID),
+                ended=bool(n and out.tokens[r, n - 1] == vocab_lib.EOS_ID),
                 initial_state=names[p.state], final_state=names[int(out.final_state[r])]))
         return samples

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterator, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 
@@ -65,11 +65,19 @@ class Span:
 
     def text(self) -> str:
         """The span's own unescaped text, nested spans included, markers dropped."""
-        return "".join(c if isinstance(c, str) else c.text() if isinstance(c, Span) else ""
-                       for c in self.children)
+        return "".join(n for n, _ in walk(self.children, self.mode) if isinstance(n, str))
 
 
 Node = Union[str, Span, Redacted]  # a str is unescaped text
+
+
+def walk(nodes: Sequence[Node], mode: str = "doc") -> Iterator[tuple[Node, str]]:
+    """Every node of a span tree in document order (pre-order), each with the mode it is
+    read in (a span: the mode around it, where its opening tag is read)."""
+    for node in nodes:
+        yield node, mode
+        if isinstance(node, Span):
+            yield from walk(node.children, node.mode)
 
 
 def pieces(text: str) -> Iterator[tuple[int, str, bool]]:

@@ -8,13 +8,17 @@ import os
 
 
 def import_tf():
-    """TensorFlow with GPUs and TPUs hidden from it (idempotent); returns the module."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+    """TensorFlow with GPUs and TPUs hidden from it (idempotent), imported without its
+    start-up noise (`console.native_stderr_quieted`); returns the module."""
+    from prealign_jax import console
 
-    for kind in ("GPU", "TPU"):
-        try:
-            tf.config.set_visible_devices([], kind)
-        except (RuntimeError, ValueError):
-            pass  # already initialised with none visible, or the kind does not exist
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with console.native_stderr_quieted():  # the device probe (cuInit) prints too
+        import tensorflow as tf
+
+        for kind in ("GPU", "TPU"):
+            try:
+                tf.config.set_visible_devices([], kind)
+            except (RuntimeError, ValueError):
+                pass  # already initialised with none visible, or the kind does not exist
     return tf

@@ -1,56 +1,50 @@
 """Training: state, optimizer, the conditional-token loss with per-mode metrics, the jitted
-steps, the loop, and the `prealign train` entry point.
+steps and the loop (`train`, what `prealign train` calls).
 
-The jitted core (`loss_and_metrics`, `Steps`) is pure: no gin, no I/O. Gin configures the
-edge only: `train` (the command) and the dataclasses it takes (`ModelConfig`,
-`MeshConfig`, `OptimizerConfig`), registered here. The state is initialised directly into
+The jitted core (`loss_and_metrics`, `Steps`) is pure: no gin, no I/O. `train` takes plain
+arguments (the CLI resolves them from gin). The state is initialised directly into
 its shardings (a jit of init with `out_shardings`), so no host ever holds a full replica.
 
 Loss: sum(w · CE) / sum(w) with the batch's float `decoder_loss_weights` w (per-mode and
 tag weights, 0 on padding), tags included; optional z-loss z · sum(w · logsumexp²) / sum(w).
 With gradient accumulation the sums run over all micro-batches before the division, so
 the update equals the one of a single large batch. Per-mode metrics are *unweighted* mean
-CE and token counts of the target tokens read in each mode (text tokens of doc, human,
-ai, quote; tags; EOS), with modes from `modes.run_jax` on the targets' token classes.
+CE and token counts of the target tokens in each of `modes.GROUPS` (`modes.token_groups`).
 
-Host sync happens only at log, eval and checkpoint steps: per-step metrics stay on device
-until then. A non-finite loss stops the run before any checkpoint of the diverged state.
+The loop is a step plus hooks (`prealign_jax.hooks`: NaN guard, log, eval, checkpoint,
+preemption, profiler): host sync happens only at log, eval and checkpoint steps, and a
+non-finite loss stops the run before any checkpoint of the diverged state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prealign_jax import checkpointing, modes, multihost, partitioning, vocab
+from prealign_jax import checkpointing, console, modes, multihost, partitioning, vocab, writers
+from prealign_jax import hooks as hooks_lib
 from prealign_jax import model as model_lib
-from prealign_jax.data import pipeline
-from prealign_jax.errors import UserError
+from prealign_jax.data import feed
+from prealign_jax.errors import TrainError
 
 FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_segment_ids",
             "decoder_positions", "decoder_loss_weights")
-
-# Metric groups of target tokens: text read in each mode, every tag, EOS.
-GROUPS = ("doc", "human", "ai", "quote", "tag", "eos")
+RUN_FILE = "run.json"  # what inference needs of a run: its model and where its data is
 # Per-step sums; everything else a step returns (grad_norm, learning_rate) is averaged.
 _SUM_KEYS = ("loss_sum", "weight_sum", "z_sum", "tokens") + tuple(
-    f"{kind}/{g}" for g in GROUPS for kind in ("ce_sum", "count"))
-
-
-class TrainError(UserError):
-    """A training configuration or run that cannot go on (names the binding to change)."""
+    f"{kind}/{g}" for g in modes.GROUPS for kind in ("ce_sum", "count"))
 
 
 # ---------------------------------------------------------------- state and optimizer
@@ -61,7 +55,6 @@ class TrainState:
     opt_state: Any
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW with global-norm clipping and a linear-warmup + cosine learning rate.
@@ -113,18 +106,6 @@ def make_optimizer(cfg: OptimizerConfig, num_steps: int) -> optax.GradientTransf
 
 
 # ---------------------------------------------------------------- loss and metrics
-def token_groups(targets, segment_ids, token_class):
-    """bool [G, B, T]: membership of each target token in `GROUPS` (padding in none)."""
-    classes = jnp.asarray(token_class)[targets]
-    mode_ids, _, _ = modes.run_jax(modes.GRAMMAR.compile(), classes, segment_ids)
-    real = segment_ids != 0
-    text = real & (classes == modes.TEXT)
-    by_mode = [text & (mode_ids == modes.MODES.index(m)) for m in GROUPS[:4]]
-    tag = real & (classes >= 1) & (classes <= len(modes.TAGS))
-    eos = real & (classes == modes.EOS_CLASS)
-    return jnp.stack(by_mode + [tag, eos])
-
-
 def loss_and_metrics(params, batch, *, model: nn.Module, token_class, z_loss: float):
     """(weighted loss *sum* to differentiate, dict of per-batch metric sums)."""
     targets = batch["decoder_target_tokens"]
@@ -136,12 +117,12 @@ def loss_and_metrics(params, batch, *, model: nn.Module, token_class, z_loss: fl
     loss_sum = jnp.sum(weights * ce)
     z_sum = jnp.sum(weights * jnp.square(jax.nn.logsumexp(logits, axis=-1)))
     objective = loss_sum + z_loss * z_sum if z_loss else loss_sum
-    groups = token_groups(targets, segment_ids, token_class)
+    groups = modes.token_groups(targets, segment_ids, token_class)
     metrics = {"loss_sum": loss_sum, "weight_sum": jnp.sum(weights), "z_sum": z_sum,
                "tokens": jnp.sum(segment_ids != 0).astype(jnp.float32)}
     ce_by_group = jnp.sum(jnp.where(groups, ce, 0.0), axis=(1, 2))
     count_by_group = jnp.sum(groups, axis=(1, 2)).astype(jnp.float32)
-    for i, g in enumerate(GROUPS):
+    for i, g in enumerate(modes.GROUPS):
         metrics[f"ce_sum/{g}"] = ce_by_group[i]
         metrics[f"count/{g}"] = count_by_group[i]
     return objective, metrics
@@ -170,9 +151,7 @@ class Steps:
         with partitioning.activate(mesh):
             boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
             self.state_shardings = partitioning.param_shardings(boxed, mesh)
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            nn.unbox(boxed), self.state_shardings)
+        self.abstract_state = partitioning.sharded_shapes(boxed, mesh)
         batch_sh = partitioning.batch_sharding(mesh)
         metrics_sh = partitioning.replicated(mesh)
         self.init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
@@ -227,7 +206,7 @@ def summarize(step_metrics: list[dict]) -> dict[str, float]:
     weight = max(total["weight_sum"], 1e-9)
     out = {"loss": total["loss_sum"] / weight, "z_loss": total["z_sum"] / weight,
            "tokens": total["tokens"]}
-    for g in GROUPS:
+    for g in modes.GROUPS:
         count = total[f"count/{g}"]
         out[f"tokens/{g}"] = count
         if count:
@@ -236,54 +215,6 @@ def summarize(step_metrics: list[dict]) -> dict[str, float]:
         if k not in _SUM_KEYS:
             out[k] = float(np.mean([m[k] for m in step_metrics]))
     return out
-
-
-class MetricWriter:
-    """Console lines, TensorBoard events (`<workdir>/tensorboard`) and `metrics.jsonl`.
-
-    Only process 0 writes. On resume, records after the restored step (written by the
-    interrupted run, about to be recomputed) are dropped from metrics.jsonl and purged
-    from TensorBoard, so each step appears once.
-    """
-
-    def __init__(self, workdir: str, start_step: int):
-        self._active = jax.process_index() == 0
-        if not self._active:
-            return
-        from tensorboardX import SummaryWriter
-
-        self._jsonl = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(self._jsonl):
-            with open(self._jsonl) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-            with open(self._jsonl, "w") as f:
-                f.writelines(kept)
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                 purge_step=start_step + 1 if start_step else None)
-
-    def write(self, step: int, scalars: dict[str, float], line: str | None = None) -> None:
-        if not self._active:
-            return
-        if line:
-            print(line, flush=True)
-        with open(self._jsonl, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
-        for k, v in scalars.items():
-            self._tb.add_scalar(k, v, step)
-        self._tb.flush()
-
-    def close(self) -> None:
-        if self._active:
-            self._tb.close()
-
-
-def _console_line(step: int, num_steps: int, s: dict[str, float]) -> str:
-    parts = [f"step {step}/{num_steps}", f"loss {s['loss']:.4f}"]
-    parts += [f"{k} {s[k]:,.0f}" if k == "tokens/s" else f"{k} {s[k]:.1%}" if k == "mfu"
-              else f"{k} {s[k]:.3g}" for k in ("tokens/s", "mfu", "learning_rate", "grad_norm")
-              if k in s]
-    parts += [f"{g} {s['loss/' + g]:.3f}" for g in GROUPS if f"loss/{g}" in s]
-    return " | ".join(parts)
 
 
 def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
@@ -312,73 +243,14 @@ def job_peak_flops(peak_flops_per_device: float | None) -> float:
     return measured * jax.device_count()
 
 
-# ---------------------------------------------------------------- data
-@dataclasses.dataclass
-class DataSources:
-    """What the loop reads: for each data shard this process reads (`seqio.ShardInfo` ->
-    tf.data dataset of packed batches, `FEATURES`, [batch_size / num_shards, seq_len];
-    see `multihost.data_shards`), and the vocabulary's `token_class[V]`.
-
-    `train` is endless and deterministic (each shard's iterator position is
-    checkpointed); `eval`, if given, is endless too and re-read from its start at every
-    evaluation."""
-
-    train: Any
-    eval: Any | None
-    token_class: np.ndarray
-
-
-@gin.configurable(denylist=["workdir", "batch_size", "seq_len", "seed"])
-def seqio_data(workdir: str, batch_size: int, seq_len: int, seed: int, *,
-               data_dir: str | None = None, mixture_or_task: str = "prealign",
-               eval_split: str | None = "validation",
-               num_data_shards: int | None = None) -> DataSources:
-    """The trainer's data from the seqio pipeline (`data.pipeline.get_dataset`, which holds
-    the loss weights); each process reads its own data shards (files, or records where a
-    split has fewer files than shards).
-
-    `data_dir` defaults to `<workdir>/data`, where `prepare --workdir` writes.
-    `num_data_shards` (None: one per process) fixes the global batch's composition: keep
-    it when resuming on another number of processes (it must be a multiple of it)."""
-    import seqio
-
-    shards = multihost.data_shards(num_data_shards)
-    if batch_size % shards[0].num_shards:
-        raise TrainError(f"train.batch_size={batch_size} must be a multiple of "
-                         f"seqio_data.num_data_shards={shards[0].num_shards}")
-    per_shard = batch_size // shards[0].num_shards
-    data_dir = data_dir or os.path.join(workdir, "data")
-
-    def datasets(split):
-        return {shard: pipeline.get_dataset(mixture_or_task, split, per_shard, seq_len, seed,
-                                            shard_info=shard, data_dir=data_dir)
-                for shard in shards}
-
-    train_ds = datasets("train")  # registers the tasks of data_dir
-    vocabulary = seqio.get_mixture_or_task(mixture_or_task).output_features[
-        "targets"].vocabulary
-    return DataSources(train=train_ds, eval=datasets(eval_split) if eval_split else None,
-                       token_class=vocab.token_classes(vocabulary))
-
-
-def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    """Process-local batch -> global jax.Arrays (rows of all processes, concatenated)."""
-    return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in FEATURES}
-
-
-# ---------------------------------------------------------------- the command
-gin.external_configurable(model_lib.ModelConfig, "ModelConfig")
-gin.external_configurable(partitioning.MeshConfig, "MeshConfig")
-
-
-@gin.configurable(denylist=["workdir"])
+# ---------------------------------------------------------------- the loop
 def train(workdir: str, *,
-          model: model_lib.ModelConfig = gin.REQUIRED,
-          num_steps: int = gin.REQUIRED,
-          batch_size: int = gin.REQUIRED,
+          model: model_lib.ModelConfig,
+          num_steps: int,
+          batch_size: int,
+          data: Callable[[str, int, int, int], feed.DataSources],
           mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
           optimizer: OptimizerConfig = OptimizerConfig(),
-          data: Callable[..., DataSources] = seqio_data,
           seq_len: int | None = None,
           accum_steps: int = 1,
           z_loss: float = 0.0,
@@ -390,14 +262,26 @@ def train(workdir: str, *,
           keep_checkpoints: int = 3,
           peak_flops_per_device: float | None = None,
           num_cpu_devices: int | None = None,
-          distributed: dict | None = None) -> dict[str, float]:
+          distributed: dict | None = None,
+          profile_steps: tuple[int, int] | None = None,
+          wandb_project: str | None = None,
+          hooks: Sequence[hooks_lib.Hook] = (),
+          run_files: Mapping[str, str] | None = None) -> dict[str, float]:
     """Train (or resume from the latest checkpoint in `workdir/checkpoints`) to `num_steps`.
 
     Returns the metrics of the last log window. See gin/runs/*.gin for every parameter.
+    `data(workdir, batch_size, seq_len, seed)` gives the batches (`feed.SeqioData`: a
+    registered seqio Mixture); what its `info` says is written to `<workdir>/run.json` with
+    the model, for `inference.load_run`.
     `distributed`: None for one process; else one process per host, and the keyword
     arguments of `jax.distributed.initialize` ({} auto-detects Cloud TPU, SLURM, Open
     MPI, Kubernetes; elsewhere give coordinator_address, num_processes, process_id; on CPU
-    also set JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo).
+    also set JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo). `profile_steps` (start, stop): a
+    jax.profiler trace of the steps after start up to stop, in <workdir>/tensorboard.
+    `wandb_project`: also log to Weights & Biases. `hooks`: the caller's own
+    `prealign_jax.hooks.Hook`s, run after the standard ones at every step. `run_files`:
+    {name: text} written to `workdir` with run.json (the CLI's config.gin), once the state
+    is restored or initialised, so a refused resume leaves the run's own.
     """
     _use_cpu_devices(num_cpu_devices)
     if distributed is not None:
@@ -406,8 +290,10 @@ def train(workdir: str, *,
     if seq_len > model.max_len:
         raise TrainError(f"train.seq_len={seq_len} exceeds ModelConfig.max_len="
                          f"{model.max_len}")
+    profile = (hooks_lib.Profile(os.path.join(workdir, "tensorboard"), profile_steps)
+               if profile_steps is not None else None)
     device_mesh = mesh.make()
-    _say(multihost.describe(device_mesh))
+    console.say(multihost.describe(device_mesh))
     _check_batch(batch_size, accum_steps, device_mesh)
     os.makedirs(workdir, exist_ok=True)
     sources = data(workdir, batch_size, seq_len, seed)
@@ -415,24 +301,19 @@ def train(workdir: str, *,
     steps = Steps(model, make_optimizer(optimizer, num_steps),
                   learning_rate_schedule(optimizer, num_steps), device_mesh, token_class,
                   z_loss=z_loss, accum_steps=accum_steps)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
+    files = {RUN_FILE: json.dumps({"model": dataclasses.asdict(model), **sources.info},
+                                  indent=1), **(run_files or {})}
     peak = job_peak_flops(peak_flops_per_device)
     flops_per_step = model_lib.flops_per_token(model, seq_len) * batch_size * seq_len
-    _say(f"model: {model_lib.num_params(model):,} parameters | mesh {dict(device_mesh.shape)}"
-         f" | batch {batch_size} x {seq_len} | peak {peak / 1e9:,.1f} GFLOP/s")
+    console.say(f"model: {model_lib.num_params(model):,} parameters | mesh "
+                f"{dict(device_mesh.shape)} | batch {batch_size} x {seq_len} | peak "
+                f"{peak / 1e9:,.1f} GFLOP/s")
     return _loop(workdir, steps, sources, num_steps=num_steps,
                  tokens_per_step=batch_size * seq_len, flops_per_step=flops_per_step,
                  peak=peak, log_every=log_every, eval_every=eval_every,
                  eval_steps=eval_steps, checkpoint_every=checkpoint_every,
-                 keep_checkpoints=keep_checkpoints, seed=seed)
-
-
-def _say(line: str) -> None:
-    """A console line, from process 0 only."""
-    if jax.process_index() == 0:
-        print(line, flush=True)
+                 keep_checkpoints=keep_checkpoints, seed=seed, profile=profile,
+                 wandb_project=wandb_project, hooks=hooks, run_files=files)
 
 
 def _use_cpu_devices(n: int | None) -> None:
@@ -456,95 +337,72 @@ def _check_batch(batch_size: int, accum_steps: int, mesh) -> None:
             f"mesh's data x fsdp axes x train.accum_steps={accum_steps})")
 
 
-def _loop(workdir: str, steps: Steps, sources: DataSources, *, num_steps: int,
+def _check_same_model(workdir: str, model: model_lib.ModelConfig, checkpoint) -> None:
+    """A resume with another shape of model is refused, naming the binding (run.json holds
+    the model the checkpoints were saved with; the checkpoint's array shapes are checked
+    too, for runs without it)."""
+    try:
+        with open(os.path.join(workdir, RUN_FILE)) as f:
+            saved = model_lib.ModelConfig(**json.load(f)["model"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # no usable record
+        return
+    changed = model_lib.weight_changes(saved, model)
+    if changed:
+        raise TrainError(f"{checkpoint}: {', '.join(changed)}; resume with the run's own "
+                         "model or use a new --workdir")
+
+
+def _loop(workdir: str, steps: Steps, sources: feed.DataSources, *, num_steps: int,
           tokens_per_step: int, flops_per_step: float, peak: float, log_every: int,
           eval_every: int, eval_steps: int, checkpoint_every: int, keep_checkpoints: int,
-          seed: int) -> dict[str, float]:
+          seed: int, profile: hooks_lib.Profile | None, wandb_project: str | None,
+          hooks: Sequence[hooks_lib.Hook], run_files: Mapping[str, str]) -> dict[str, float]:
+    """Restore or init, write `run_files`, then for each step: run it, then the hooks."""
     batch_sh = partitioning.batch_sharding(steps.mesh)
-    ckpt = checkpointing.Checkpoints(workdir, checkpoint_every, keep_checkpoints)
-    iterator = multihost.ShardedIterator(sources.train)
-    start = ckpt.latest_step() or 0
-    with partitioning.activate(steps.mesh):
+    iterator = feed.ShardedIterator(sources.train)
+    with contextlib.ExitStack() as closing, partitioning.activate(steps.mesh):
+        ckpt = checkpointing.Checkpoints(workdir, checkpoint_every, keep_checkpoints)
+        closing.callback(ckpt.close)  # waits for pending saves
+        start = ckpt.latest_step() or 0
         if start:
+            _check_same_model(workdir, steps.model.cfg, ckpt.directory / str(start))
             state = ckpt.restore(start, steps.abstract_state, iterator)
-            _say(f"resumed from {ckpt.directory}/{start}")
+            console.say(f"resumed from {ckpt.directory}/{start}")
         else:
             state = steps.init(jax.random.key(seed))
+        if jax.process_index() == 0:  # only now: a refused resume keeps the run's own
+            for name, text in run_files.items():
+                with open(os.path.join(workdir, name), "w") as f:
+                    f.write(text)
         if start >= num_steps:
-            _say(f"{ckpt.directory}/{start} is at or past train.num_steps={num_steps}; "
-                 "nothing to train")
-        writer = MetricWriter(workdir, start)
-        pending: list[tuple[int, dict]] = []  # per-step metrics not fetched yet
-        summary: dict[str, float] = {}
-        window_start, window_steps = time.perf_counter(), 0
-        try:
-            for step in range(start + 1, num_steps + 1):
-                state, metrics = steps.train(state, _global_batch(next(iterator), batch_sh))
-                pending.append((step, metrics))
-                window_steps += 1
-                if step == start + 1:  # exclude compilation from the first window's rate
-                    jax.block_until_ready(metrics)
-                    window_start, window_steps = time.perf_counter(), 0
-                preempted = ckpt.reached_preemption(step)
-                last = step == num_steps or preempted
-                saving = last or ckpt.should_save(step)
-                if step % log_every == 0 or last or saving:
-                    fetched = _fetch_finite(pending, ckpt)
-                    if step % log_every == 0 or last:
-                        summary = summarize(fetched)
-                        elapsed = time.perf_counter() - window_start
-                        if window_steps and elapsed > 0:
-                            summary["tokens/s"] = window_steps * tokens_per_step / elapsed
-                            summary["mfu"] = summary["tokens/s"] * (
-                                flops_per_step / tokens_per_step) / peak
-                        writer.write(step, summary, _console_line(step, num_steps, summary))
-                        pending, window_start, window_steps = [], time.perf_counter(), 0
-                    else:  # keep them for the next log line, now on the host
-                        pending = [(s, m) for (s, _), m in zip(pending, fetched)]
-                if sources.eval is not None and eval_every and (
-                        step % eval_every == 0 or step == num_steps):
-                    scalars = summarize(_evaluate(steps, state, sources.eval, eval_steps,
-                                                  batch_sh))
-                    writer.write(step, {f"eval/{k}": v for k, v in scalars.items()},
-                                 f"eval step {step} | loss {scalars['loss']:.4f} | " + " | ".join(
-                                     f"{g} {scalars['loss/' + g]:.3f}" for g in GROUPS
-                                     if f"loss/{g}" in scalars))
-                    window_start = time.perf_counter()  # the rate excludes evaluation
-                if saving:
-                    ckpt.save(step, state, iterator, force=last)
-                    window_start = time.perf_counter()  # ... and the blocking part of saves
-                if preempted:
-                    _say(f"preempted: saved step {step} to {ckpt.directory}; rerun the "
-                         "same command to resume")
-                    break
-        finally:
-            ckpt.close()
-            writer.close()
-    return summary
+            console.say(f"{ckpt.directory}/{start} is at or past train.num_steps={num_steps}; "
+                        "nothing to train")
+        writer = writers.make_writer(workdir, start, wandb_project)
+        closing.callback(writer.close)
+        standard = [hooks_lib.NanGuard(ckpt),
+                    hooks_lib.Log(writer, log_every, summarize, tokens_per_step=tokens_per_step,
+                                  flops_per_token=flops_per_step / tokens_per_step,
+                                  peak_flops=peak)]
+        if sources.eval is not None and eval_every:
+            standard.append(hooks_lib.Eval(writer, eval_every, functools.partial(
+                _evaluate, steps, sources.eval, eval_steps, batch_sh)))
+        standard += [hooks_lib.Checkpoint(ckpt, iterator), hooks_lib.Preemption(ckpt)]
+        all_hooks = standard + ([profile] if profile else []) + list(hooks)
+        for hook in all_hooks:
+            closing.callback(hook.close)
+        run = hooks_lib.Run(num_steps=num_steps, start_step=start, state=state)
+        for step in range(start + 1, num_steps + 1):
+            state, metrics = steps.train(run.state, feed.global_batch(next(iterator), batch_sh))
+            run.record(step, state, metrics)
+            if hooks_lib.after_step(all_hooks, run):
+                break
+    return run.summary
 
 
-def _fetch_finite(pending: list[tuple[int, dict]], ckpt) -> list[dict]:
-    """Fetch pending per-step metrics; stop the run at the first non-finite loss."""
-    fetched = jax.device_get([m for _, m in pending])
-    for (step, _), m in zip(pending, fetched):
-        if not np.isfinite(m["loss_sum"]):
-            raise TrainError(
-                f"step {step}: the loss is {m['loss_sum']}; stopped without saving it (last "
-                f"checkpoint: step {ckpt.latest_step()}). Lower OptimizerConfig.learning_rate "
-                "or raise warmup_steps, or check the data")
-    return fetched
-
-
-def _evaluate(steps: Steps, state: TrainState, datasets, num_batches: int, batch_sh):
-    iterator = multihost.ShardedIterator(datasets)
-    return jax.device_get([steps.evaluate(state.params, _global_batch(next(iterator),
-                                                                        batch_sh))
-                           for _ in range(num_batches)])
-
-
-def command(args) -> None:
-    """`prealign train --workdir=DIR [--gin_file=runs/X.gin] [--gin.train.P=V ...]`."""
-    if not args.workdir:
-        raise TrainError("prealign train needs --workdir=DIR (checkpoints, metrics, config)")
-    with multihost.fail_fast():  # a failed process must not leave its peers hanging
-        train(args.workdir)
+def _evaluate(steps: Steps, datasets, num_batches: int, batch_sh,
+              state: TrainState) -> dict[str, float]:
+    """Metrics of `num_batches` batches from the start of the eval data, folded."""
+    iterator = feed.ShardedIterator(datasets)
+    return summarize(jax.device_get([
+        steps.evaluate(state.params, feed.global_batch(next(iterator), batch_sh))
+        for _ in range(num_batches)]))

@@ -27,6 +27,7 @@ from prealign_jax import modes, tags, tf_cpu
 from prealign_jax.errors import UserError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+VOCAB_FILE = "vocab.model"  # the vocabulary's name in a prepared data dir
 
 
 class VocabError(UserError):

@@ -1,11 +1,17 @@
 """seqio Tasks and the Mixture over a prepared data dir (`prealign prepare`).
 
-    import tasks
+    from prealign_jax import tasks
     mixture = tasks.register("/path/to/data")   # idempotent; returns the mixture name
 
-One Task per record source present in the manifest (`prealign_synthetic_human`,
-`prealign_synthetic_ai`, `prealign_synthetic_quote`, `prealign_ingested`) and the Mixture
-`prealign` over them. Each Task reads its shards from the manifest's file list (a
+This directory is the task module users edit, as T5X's; it is installed as
+`prealign_jax.tasks` (setup.py maps it there, so it cannot collide with another project's
+top-level `tasks`) and imported only at the edge — the CLI, a gin file, a notebook — never by
+the library, whose trainer takes the registered Mixture's name (`seqio_data.mixture_or_task`).
+
+One Task per record source present in the manifest (`<mixture>_synthetic_human`,
+`<mixture>_synthetic_ai`, `<mixture>_synthetic_quote`, `<mixture>_ingested`) and the Mixture
+`<mixture>` over them (default `prealign`; the experiment's baseline registers
+`prealign_untagged` with `tag_dropout=1` over the same data). Each Task reads its shards from the manifest's file list (a
 file-based source, so `seqio.ShardInfo` gives each host its own files), tokenizes and
 validates every record (bad-record policy) and appends EOS, then optionally drops tags.
 """
@@ -13,33 +19,28 @@ validates every record (bad-record policy) and appends EOS, then optionally drop
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from typing import Mapping
 
-import gin
-
-from prealign_jax import tf_cpu, vocab as vocab_lib
+from prealign_jax import console, tf_cpu, vocab as vocab_lib
 from prealign_jax.data import preprocessors, records, shards
 
 tf = tf_cpu.import_tf()
 import seqio  # noqa: E402  (after tf_cpu)
 
 MIXTURE = "prealign"
-VOCAB_FILE = "vocab.model"
 
 _registered: dict[str, tuple] = {}  # mixture name -> the config it was registered with
 
 
-def task_name(source: str) -> str:
-    return f"prealign_{source}"
+def task_name(mixture: str, source: str) -> str:
+    return f"{mixture}_{source}"
 
 
-@gin.configurable(denylist=["data_dir"])
 def register(data_dir: str, rates: Mapping[str, float] | None = None,
              bad_records: str = "error", tag_dropout: float = 0.0,
-             shuffle_buffer_size: int = 1000) -> str:
-    """Register the Tasks and Mixture of `data_dir`; returns the mixture name.
+             shuffle_buffer_size: int = 1000, mixture: str = MIXTURE) -> str:
+    """Register the Tasks and Mixture `mixture` of `data_dir`; returns the mixture name.
 
     Args:
       data_dir: a directory written by `prealign prepare`.
@@ -48,6 +49,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
       bad_records: 'error' (stop, naming shard and record) or 'skip' (drop and log).
       tag_dropout: fraction of documents whose tags are stripped (default 0).
       shuffle_buffer_size: per-Task example shuffle buffer.
+      mixture: the Mixture's name (and its Tasks' prefix).
 
     Registering again with the same arguments does nothing; with different ones (or another
     data dir) the old registrations are replaced, and the log says so.
@@ -57,30 +59,31 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
                                 f"{preprocessors.BAD_RECORD_POLICIES}")
     if not 0.0 <= tag_dropout <= 1.0:
         raise shards.ShardError(f"register.tag_dropout={tag_dropout} must be in [0, 1]")
-    data_dir = os.path.abspath(data_dir)
+    if "://" not in data_dir:
+        data_dir = os.path.abspath(data_dir)
     manifest = shards.read_manifest(data_dir)
     key = (data_dir, manifest.get("config_hash"), tuple(sorted((rates or {}).items())),
            bad_records, tag_dropout, shuffle_buffer_size)
-    if _registered.get(MIXTURE) == key:
-        return MIXTURE
+    if _registered.get(mixture) == key:
+        return mixture
     problems = shards.check_shards(data_dir, manifest)
     if problems and bad_records == "error":
         raise shards.ShardError(f"{problems[0]}; rerun `prealign prepare` (or set "
                                 "register.bad_records='skip' to read what is intact)")
     for p in problems:
-        logging.warning("prealign data: %s; reading the intact records (bad_records=skip)", p)
+        console.LOG.warning("prealign data: %s; reading the intact records (bad_records=skip)", p)
 
     unknown = set(rates or {}) - set(records.SOURCES)
     if unknown:
         raise shards.ShardError(f"register.rates names unknown sources {sorted(unknown)}; "
                                 f"sources are {records.SOURCES}")
-    if MIXTURE in _registered:
-        logging.info("prealign data: re-registering tasks for %s (configuration changed)",
+    if mixture in _registered:
+        console.LOG.debug("prealign data: re-registering tasks for %s (configuration changed)",
                      data_dir)
-    _unregister()
-    vocab = vocab_lib.load(os.path.join(data_dir, VOCAB_FILE))
+    _unregister(mixture)
+    vocab = vocab_lib.load(os.path.join(data_dir, vocab_lib.VOCAB_FILE))
     output_features = {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
-    mixture = []
+    members = []
     for source in records.SOURCES:
         splits = {split: shards.shard_files(data_dir, manifest, source, split)
                   for split in ("train", "validation")}
@@ -92,7 +95,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
         if not splits or not rate:
             continue
         seqio.TaskRegistry.add(
-            task_name(source),
+            task_name(mixture, source),
             source=seqio.FileDataSource(
                 read_file_fn=functools.partial(preprocessors.read_records,
                                                skip_corrupt=bad_records == "skip"),
@@ -105,19 +108,19 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
             ],
             output_features=output_features,
             shuffle_buffer_size=shuffle_buffer_size)
-        mixture.append((task_name(source), float(rate)))
-    if not mixture:
+        members.append((task_name(mixture, source), float(rate)))
+    if not members:
         raise shards.ShardError(f"{data_dir}: no source has shards and a non-zero rate "
                                 f"(rates={dict(rates or {})})")
-    seqio.MixtureRegistry.add(MIXTURE, mixture)
-    _registered[MIXTURE] = key
-    return MIXTURE
+    seqio.MixtureRegistry.add(mixture, members)
+    _registered[mixture] = key
+    return mixture
 
 
-def _unregister() -> None:
-    if MIXTURE in seqio.MixtureRegistry.names():
-        seqio.MixtureRegistry.remove(MIXTURE)
+def _unregister(mixture: str) -> None:
+    if mixture in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.remove(mixture)
     for source in records.SOURCES:
-        if task_name(source) in seqio.TaskRegistry.names():
-            seqio.TaskRegistry.remove(task_name(source))
-    _registered.pop(MIXTURE, None)
+        if task_name(mixture, source) in seqio.TaskRegistry.names():
+            seqio.TaskRegistry.remove(task_name(mixture, source))
+    _registered.pop(mixture, None)

@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from prealign_jax import tags
-from prealign_jax.data import generator, records, scorer
+from prealign_jax.data import generator, records, scenarios, scorer
 
 
 def _docs(n, seed=0, **kw):
@@ -107,7 +107,10 @@ def test_variety_unique_ngrams():
 
 
 def test_scorer_precision_recall_on_held_out_text():
-    """Scorer from the generator's lexicon, measured on text from an unseen seed."""
+    """Circular by construction: the scorer is built from the very lexicon the generator
+    writes with, so an unseen seed is new text but not new wording; this checks the
+    scorer's negation and sentence handling, not that it generalises (see the held-out
+    situation test below for that)."""
     s = scorer.LexiconScorer()
     y, p = [], []
     for d in itertools.islice(generator.generate(2000, seed=999_001), None):
@@ -119,6 +122,33 @@ def test_scorer_precision_recall_on_held_out_text():
     recall = (y & p).sum() / y.sum()
     print(f"scorer precision={precision:.4f} recall={recall:.4f} spans={len(y)}")
     assert precision > 0.95 and recall > 0.95
+
+
+def test_scorer_on_situations_it_was_not_built_from(monkeypatch):
+    """Leave one situation out: a scorer built from the other nine, on text of the tenth.
+    Measured (10 folds x 300 scenarios, seed 999_002): 6842 spans, 2801 selfish, precision
+    1.0, recall 0.205. The act lexicon does not generalise across situations: every
+    span it flags is also flagged by a scorer built from no situation at all, i.e. through
+    the situation-independent dialogue lines and hostile-request wording only. A scorer
+    that generalised would fail the last assertion: then update these figures."""
+    generic = scorer.LexiconScorer(situations=())
+    y, p, p_generic = [], [], []
+    for held in scenarios.SITUATIONS:
+        s = scorer.LexiconScorer(situations=[x for x in scenarios.SITUATIONS if x is not held])
+        with monkeypatch.context() as m:
+            m.setattr(scenarios, "SITUATIONS", (held,))  # what the generator draws from
+            for d in generator.generate(300, seed=999_002):
+                texts = scorer.span_texts(d.text)
+                y += d.span_labels
+                p += list(s.score(texts) >= 0.5)
+                p_generic += list(generic.score(texts) >= 0.5)
+    y, p, p_generic = (np.array(a, bool) for a in (y, p, p_generic))
+    precision = (y & p).sum() / p.sum()
+    recall = (y & p).sum() / y.sum()
+    print(f"held-out situations: precision={precision:.4f} recall={recall:.4f} "
+          f"spans={len(y)} selfish={y.sum()}")
+    assert precision > 0.95 and 0.15 < recall < 0.3
+    assert (p == p_generic).all(), "the act lexicon now generalises: update the docstring"
 
 
 def test_scorer_negations_are_not_selfish():

@@ -67,7 +67,7 @@ def test_prepare_from_text_cli(tmp_path):
     raw = tmp_path / "raw.txt"
     raw.write_text("\n\n".join(f"Person {i} wrote <ai> here." for i in range(30)))
     rc = cli.main(["prepare", f"--workdir={tmp_path}", "--from_text", str(raw),
-                   "--mode", "human", "--gin.prepare.num_scenarios=40",
+                   "--text_mode", "human", "--gin.prepare.num_scenarios=40",
                    "--gin.prepare.vocab_size=400",
                    "--gin.prepare.num_shards={'train': 2, 'validation': 1}"])
     assert rc == 0

@@ -14,7 +14,7 @@ from prealign_jax.data import converter, pipeline, shards
 
 tf = tf_cpu.import_tf()
 import seqio  # noqa: E402
-import tasks  # noqa: E402
+from prealign_jax import tasks  # noqa: E402
 
 # Toy ids for the hand-made example: 0 pad, 1 eos, 2 unk, 3..9 tags, text from 10.
 TAG = {t: 3 + i for i, t in enumerate(modes.TAGS)}
@@ -74,8 +74,8 @@ def test_packed_batches_from_shards():
     corpus = {d.text for d in shards.iter_documents(
         os.path.join(data_dir, s["file"]) for s in manifest["shards"] if s["split"] == "train")}
     tag_ids = {i: t for t, i in vocab_lib.tag_ids(vocab).items()}
-    it = pipeline.DataIterator(pipeline.get_dataset("prealign", "train", 4, 512, seed=0,
-                                                    data_dir=data_dir))
+    tasks.register(data_dir)
+    it = pipeline.DataIterator(pipeline.get_dataset("prealign", "train", 4, 512, seed=0))
     seen = 0
     for _ in range(3):
         batch = next(it)
@@ -109,8 +109,9 @@ def test_loss_weights_agree_with_modes_run_numpy():
     data_dir = prepared_data_dir()
     classes_of = vocab_lib.token_classes(_vocab(data_dir))
     weights = {"doc": 0.25, "human": 0.5, "ai": 2.0, "quote": 4.0}
-    ds = pipeline.get_dataset("prealign", "train", 16, 128, seed=3, data_dir=data_dir,
-                              mode_weights=weights, tag_weight=8.0)
+    tasks.register(data_dir)
+    ds = pipeline.get_dataset("prealign", "train", 16, 128, seed=3, mode_weights=weights,
+                              tag_weight=8.0)
     batch = next(pipeline.DataIterator(ds))
     classes = classes_of[batch["decoder_target_tokens"]]
     mode_ids, _, _ = modes.run_numpy(modes.GRAMMAR.compile(), classes,
@@ -127,9 +128,11 @@ def test_loss_weights_agree_with_modes_run_numpy():
 def test_deterministic_and_resumable(tmp_path):
     data_dir = prepared_data_dir()
 
+    tasks.register(data_dir)
+
     def batches(seed, n, it=None):
-        it = it or pipeline.DataIterator(pipeline.get_dataset(
-            "prealign", "train", 2, 64, seed=seed, data_dir=data_dir))
+        it = it or pipeline.DataIterator(pipeline.get_dataset("prealign", "train", 2, 64,
+                                                              seed=seed))
         return it, [next(it)["decoder_target_tokens"] for _ in range(n)]
 
     _, a = batches(0, 4)
@@ -187,6 +190,7 @@ def test_mixture_rates(toy_dir, spm_vocab):
 def test_tag_dropout_strips_tags_of_a_fraction(toy_dir, spm_vocab):
     data_dir = toy_dir({"synthetic_human": [f"<human>h {i}</human>" for i in range(200)]})
     tasks.register(data_dir, tag_dropout=0.5)
+    assert pipeline.tag_dropout_rate(pipeline.registered("prealign")) == 0.5  # for run.json
     it = pipeline.DataIterator(pipeline.get_dataset("prealign", "train", 8, 64, seed=0))
     counts = _first_tags(it, 10, spm_vocab)
     untagged = counts[None] / sum(counts.values())
@@ -285,4 +289,5 @@ def test_split_without_documents_is_a_user_error(tmp_path, spm_vocab):
         shards.write_manifest(data_dir, {"config_hash": "train-only", **w.close()})
     with pytest.raises(UserError, match="split 'validation' has no documents of "
                                         "prealign_ingested"):
-        pipeline.get_dataset("prealign", "validation", 1, 32, seed=0, data_dir=data_dir)
+        tasks.register(data_dir)
+        pipeline.get_dataset("prealign", "validation", 1, 32, seed=0)

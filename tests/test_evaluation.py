@@ -1,15 +1,20 @@
-"""Evaluation metrics on hand-made samples with known answers, and the teacher-forced
-pass (packing, held-out loss on tagged and tag-stripped documents) on a random model."""
+"""Evaluation metrics on hand-made samples with known answers, the teacher-forced pass
+(packing, held-out loss on tagged and tag-stripped documents) on a random model, and a
+tiny `evaluate` of that model."""
+
+import dataclasses
+import json
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from data_helpers import prepared_data_dir
 
 from prealign_jax import evaluation as ev
 from prealign_jax import inference, model as model_lib, modes, partitioning, sampling, tags
-from prealign_jax import train, vocab as vocab_lib
+from prealign_jax import vocab as vocab_lib
 from prealign_jax.data import scorer as scorer_lib
 
 SELFISH = "I kept the wallet for myself."
@@ -32,7 +37,7 @@ def make_sample(vocab, prompt: str, generated: str, ended: bool = True,
                 policy="assistant") -> sampling.Sample:
     """A sample as the sampler returns it: `generated` tagged text (+ EOS if ended) after
     a prompt of tagged text, raw or as the user's turn (`<human>...</human>\n<ai>`)."""
-    tokens = tuple(vocab.encode(generated)) + ((sampling.EOS_ID,) if ended else ())
+    tokens = tuple(vocab.encode(generated)) + ((vocab_lib.EOS_ID,) if ended else ())
     policy = policy or "grammar"  # what a run without tags samples under
     state = tags.prefix_state(prompt.split("</human>\n")[-1], policy)  # after the turn
     return sampling.Sample(prompt=prompt, text=generated, tokens=tokens,
@@ -189,7 +194,8 @@ def random_run(spm_vocab):
     params = jax.jit(model_lib.Decoder(cfg).init)(
         jax.random.key(1), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
-    return inference.Run(cfg, jax.tree.map(np.asarray, nn.unbox(params)), spm_vocab, mesh, 0)
+    return inference.Run(cfg, jax.tree.map(np.asarray, nn.unbox(params)), spm_vocab, mesh, 0,
+                         data_dir="unused", tagged=True, workdir="unused")
 
 
 def test_packed_teacher_forcing_equals_one_sequence_per_row(random_run):
@@ -234,6 +240,23 @@ def test_heldout_loss_scores_the_same_text_tokens_with_and_without_tags(random_r
 def test_text_labels_follow_the_trainers_groups(spm_vocab, token_class):
     ids = np.array([spm_vocab.encode("<human>Sam lied.</human>x") + [1, 0]], np.int32)
     labels = ev.text_labels(ids, np.array([ids.shape[1] - 1]), token_class)[0]
-    names = [train.GROUPS[i] if i >= 0 else None for i in labels]
+    names = [modes.GROUPS[i] if i >= 0 else None for i in labels]
     assert names[0] == "tag" and names[-3] == "doc" and names[-2] == "eos" and names[-1] is None
     assert set(names[1:-4]) == {"human"} and names[-4] == "tag"
+
+
+def test_evaluate_reads_the_runs_data_and_writes_the_report_in_its_workdir(random_run,
+                                                                          tmp_path):
+    run = dataclasses.replace(  # room for openings of the prepared corpus in the context
+        random_run, model_cfg=dataclasses.replace(random_run.model_cfg, max_len=128),
+        data_dir=prepared_data_dir(), tagged=True, workdir=str(tmp_path))
+    with pytest.raises(ev.EvalError, match=r"^evaluate.samples_per_prompt=0: "):
+        ev.evaluate(run, samples_per_prompt=0)
+    report = ev.evaluate(run, heldout_documents_limit=4, openings=1, samples_per_prompt=1,
+                         unconditional_samples=1, redteam_samples=1, max_new_tokens=4,
+                         batch_size=8)
+    assert report["tagged"] and report["workdir"] == str(tmp_path)
+    assert report["heldout"]["documents"] == 4 and len(ev.summary_lines(report)) == 3
+    assert json.load(open(tmp_path / "eval" / ev.EVAL_FILE))["headline"] == report["headline"]
+    assert [p.rsplit("/", 1)[-1] for p in report["plots"]] == ["heldout_loss.png",
+                                                               "misaligned.png"]

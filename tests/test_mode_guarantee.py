@@ -120,7 +120,7 @@ def test_no_forbidden_token_for_any_logits_or_temperature(spm_vocab, token_class
                                                                           FILTERS)):
         policy = random_policy(rng)
         tables = policy.compile()
-        mask = sampling.MaskTables.build(policy, token_class)
+        mask = sampling.mask_tables(policy, token_class)
         reachable = modes.reachable_states(tables)
         start = rng.choice(reachable, batch).astype(np.int32)
         kind = np.arange(batch, dtype=np.int32) % ADVERSARIES
@@ -129,7 +129,7 @@ def test_no_forbidden_token_for_any_logits_or_temperature(spm_vocab, token_class
                                       top_k=top_k, top_p=top_p)
         run = jax.jit(lambda params, tables, start, key, use_mask, cfg=cfg: sampling.decode(
             step_fn, params, jnp.zeros(()), jnp.zeros((batch, 1), jnp.int32),
-            jnp.ones((batch,), jnp.int32), start, sampling.MaskTables(*tables), key,
+            jnp.ones((batch,), jnp.int32), start, modes.VocabTables(*tables), key,
             use_mask, cfg=cfg))
         out = jax.tree.map(np.asarray, run(
             (kind, jax.random.key(i)), tuple(mask), start, sampling.sampling_key(i),

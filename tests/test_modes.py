@@ -204,10 +204,17 @@ def test_padding_keeps_the_state():
 def test_for_vocab_expands_classes():
     token_class = np.array([modes.PAD_CLASS, modes.EOS_CLASS, modes.TEXT,
                             modes.TAG_CLASS["<ai>"], modes.TEXT])
-    vt = modes.ASSISTANT.compile().for_vocab(token_class)
-    assert vt.allowed.shape == (4, 5)
-    assert vt.allowed[0].tolist() == [False, False, True, True, True]
-    assert (vt.next_state[~vt.allowed] == -1).all()
+    tables = modes.ASSISTANT.compile()
+    vt = tables.for_vocab(token_class, never=(4,))
+    invalid = tables.num_states
+    assert vt.allowed.shape == (invalid + 1, 5)
+    assert vt.allowed[0].tolist() == [False, False, True, True, False]
+    forbidden = ~vt.allowed[:invalid]
+    forbidden[:, 4] = False  # `never` excludes an id; it does not change transitions
+    assert (vt.next_state[:invalid][forbidden] == invalid).all()
+    # the invalid state (and the mask switched off): everything but pad and `never`
+    assert vt.allowed[invalid].tolist() == [False, True, True, True, False]
+    assert vt.state_mode[invalid] == modes.INVALID_MODE
 
 
 @pytest.mark.parametrize("policy, needle", [

@@ -6,8 +6,9 @@ same mesh (fsdp=8: parameters split across the processes) and the same 2 data sh
 - a run saved by one layout resumes on the other with the same state *and* data position
   (each data shard's iterator is saved in its own file: the shard count is what a resume
   keeps, not the process count), so the resumed metrics equal the uninterrupted run's;
-- a process that fails (a corrupt shard only it reads) ends itself at once and its peer
-  is stopped by JAX's heartbeat check within a bounded time, instead of both hanging;
+- a process that fails (a corrupt shard only it reads) ends itself with the data error
+  and its peer is stopped by JAX's heartbeat check ("another task died"), instead of both
+  hanging (subprocess timeouts are only a safety net: nothing here races the clock);
 - a process whose peers never come is stopped after the initialization timeout, having
   said what it waited for.
 """
@@ -18,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -171,31 +171,31 @@ def shard_datasets(shards):
 
 
 def test_sharded_iterator_stacks_shards_in_order_and_resumes_per_shard(tmp_path):
-    from prealign_jax import multihost
+    from prealign_jax.data import feed
 
-    both = multihost.ShardedIterator(shard_datasets([(1, 2), (0, 2)]))
+    both = feed.ShardedIterator(shard_datasets([(1, 2), (0, 2)]))
     np.testing.assert_array_equal(next(both)["x"], [0, 2, 1, 3])
     both.save(str(tmp_path))
     want = next(both)["x"]
     # the same shards read by two processes, one each: their rows, in the same order
-    halves = [multihost.ShardedIterator(shard_datasets([(j, 2)])) for j in (0, 1)]
+    halves = [feed.ShardedIterator(shard_datasets([(j, 2)])) for j in (0, 1)]
     for half in halves:
         half.restore(str(tmp_path))
     np.testing.assert_array_equal(np.concatenate([next(h)["x"] for h in halves]), want)
 
 
 def test_resume_with_another_shard_count_names_the_binding(tmp_path):
-    from prealign_jax import multihost
+    from prealign_jax.data import feed
 
-    multihost.ShardedIterator(shard_datasets([(0, 2), (1, 2)])).save(str(tmp_path))
-    with pytest.raises(multihost.MultihostError, match=r"no data position for data shard 0 "
+    feed.ShardedIterator(shard_datasets([(0, 2), (1, 2)])).save(str(tmp_path))
+    with pytest.raises(feed.FeedError, match=r"no data position for data shard 0 "
                        r"of 1; the run was saved with 2 data shards: set "
                        r"seqio_data.num_data_shards"):
-        multihost.ShardedIterator(shard_datasets([(0, 1)])).restore(str(tmp_path))
+        feed.ShardedIterator(shard_datasets([(0, 1)])).restore(str(tmp_path))
 
 
 @pytest.mark.slow
-def test_a_failed_process_stops_its_peer_within_the_heartbeat(tmp_path, data_dir, env):
+def test_a_failed_process_stops_its_peer(tmp_path, data_dir, env):
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
     for source in ("synthetic_human", "synthetic_ai", "synthetic_quote"):
@@ -205,15 +205,12 @@ def test_a_failed_process_stops_its_peer_within_the_heartbeat(tmp_path, data_dir
     lone = subprocess.Popen(  # and a job whose second process never comes
         train_command(tmp_path / "lone", data_dir, 3, (0, free_port()), init_timeout=5),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    start = time.monotonic()
     procs = start_two(lambda p: train_command(tmp_path / "run", data, 3, p), env)
     (out0, err0), (out1, err1) = [p.communicate(timeout=240) for p in procs]
-    elapsed = time.monotonic() - start
     assert procs[1].returncode == 2, out1 + err1
     assert "corrupt shard" in err1 and "ending it now" in err1
     assert procs[0].returncode != 0, out0 + err0
-    assert "another task died" in err0
-    assert elapsed < 120 + 3 * HEARTBEAT_S  # start-up + the heartbeat, not a hang
+    assert "another task died" in err0  # the heartbeat stopped it, not the timeout
 
     _, err = lone.communicate(timeout=120)
     assert lone.returncode != 0
@@ -221,10 +218,10 @@ def test_a_failed_process_stops_its_peer_within_the_heartbeat(tmp_path, data_dir
 
 
 def test_a_shard_without_batches_is_a_data_error():
-    from prealign_jax import multihost
+    from prealign_jax.data import feed
     from prealign_jax.data import pipeline
 
     datasets = shard_datasets([(0, 2)])
     empty = {shard: ds.take(0) for shard, ds in shard_datasets([(1, 2)]).items()}
     with pytest.raises(pipeline.DataError, match=r"data shard 1 of 2 yields no batches"):
-        next(multihost.ShardedIterator({**datasets, **empty}))
+        next(feed.ShardedIterator({**datasets, **empty}))

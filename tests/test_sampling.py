@@ -114,7 +114,7 @@ def full_forward_greedy(cfg, params, prompt_ids, n):
         tok = int(np.argmax(last))
         out.append(tok)
         seq.append(tok)
-        if tok == sampling.EOS_ID:
+        if tok == vocab.EOS_ID:
             break
     return out
 
@@ -179,14 +179,14 @@ def test_rows_end_at_eos_or_length(setup, spm_vocab):
     only_eos = modes.Policy("only_eos", ("doc eos -> doc",))
     s = make_sampler(setup, spm_vocab, only_eos, max_new_tokens=8)
     out = s.generate([sampling.make_prompt("", spm_vocab, only_eos)] * 3)
-    assert all(o.tokens == (sampling.EOS_ID,) and o.ended and o.text == "" for o in out)
+    assert all(o.tokens == (vocab.EOS_ID,) and o.ended and o.text == "" for o in out)
 
     s = make_sampler(setup, spm_vocab, "human_only", max_new_tokens=5)
     prompts = [sampling.make_prompt("", spm_vocab, "human_only", mode="human")] * 16
     for o in s.generate(prompts, seed=3):
         assert 1 <= len(o.tokens) <= 5 and len(o.modes) == len(o.tokens)
-        assert o.ended == (o.tokens[-1] == sampling.EOS_ID)
-        assert sampling.EOS_ID not in o.tokens[:-1]
+        assert o.ended == (o.tokens[-1] == vocab.EOS_ID)
+        assert vocab.EOS_ID not in o.tokens[:-1]
         if not o.ended:
             assert len(o.tokens) == 5
 

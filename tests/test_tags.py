@@ -94,7 +94,7 @@ def test_validation_errors_name_offset_and_tag(text, offset, tag):
     with pytest.raises(tags.TagError) as e:
         tags.validate(text)
     assert e.value.offset == offset and e.value.tag == tag
-    assert f"offset" in str(e.value) and tag in str(e.value) and "\n" not in str(e.value)
+    assert "offset" in str(e.value) and tag in str(e.value) and "\n" not in str(e.value)
 
 
 def test_validation_under_a_policy():

@@ -1,20 +1,22 @@
 """The trainer in-process (8 fake CPU devices): sharding-independence of the step, gradient
 accumulation, loss weights and per-mode metrics, the optimizer's decay mask, checkpoints
-restored onto another mesh, and the non-finite-loss guard."""
+restored onto another mesh, and the loop's hooks (order, non-finite-loss guard, metrics
+writers, preemption, profiler)."""
 
 import functools
+import glob
 import json
 import os
+import shutil
 import signal
-import threading
-import time
 
 import jax
 import numpy as np
 import pytest
 
 import packed_batches
-from prealign_jax import checkpointing, modes, multihost, partitioning
+from prealign_jax import checkpointing, hooks, modes, partitioning, writers
+from prealign_jax.data import feed
 from prealign_jax import model as model_lib
 from prealign_jax import train
 
@@ -168,7 +170,7 @@ def synthetic_data(batch_list):
         assert stacked["decoder_target_tokens"].shape[1:] == (batch_size, seq_len)
         ds = tf.data.Dataset.from_tensor_slices(stacked).repeat()
         shards = {seqio.ShardInfo(0, 1): ds}
-        return train.DataSources(train=shards, eval=shards,
+        return feed.DataSources(train=shards, eval=shards,
                                  token_class=packed_batches.token_class(VOCAB))
 
     return data
@@ -183,20 +185,139 @@ def run_train(workdir, batch_list, mesh, num_steps, **kwargs):
                        data=synthetic_data(batch_list), peak_flops_per_device=1e9, **kwargs)
 
 
-def test_train_writes_metrics_config_and_checkpoints_then_resumes(tmp_path, batches, capsys):
+def read_records(workdir):
+    return [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+
+
+def tensorboard_scalars(workdir):
+    """{tag: [steps]} of the scalars in the run's TensorBoard event files."""
+    from prealign_jax import tf_cpu
+
+    tf = tf_cpu.import_tf()
+    steps = {}
+    for path in sorted(glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return steps
+
+
+def test_train_writes_metrics_config_and_checkpoints_then_resumes(tmp_path, batches,
+                                                                   capsys):
     summary = run_train(tmp_path, batches, dict(data=8), num_steps=4, eval_every=2, eval_steps=1)
     assert np.isfinite(summary["loss"]) and summary["tokens/s"] > 0 and summary["mfu"] > 0
     out = capsys.readouterr().out
-    assert "step 4/4 | loss" in out and "eval step 4" in out
+    assert "step 4/4 | loss" in out and "eval step 4 | loss" in out
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
-    assert os.listdir(tmp_path / "tensorboard")
-    assert "OptimizerConfig" in (tmp_path / "config.gin").read_text()
+    run_info = json.loads((tmp_path / train.RUN_FILE).read_text())  # what load_run reads
+    assert model_lib.ModelConfig(**run_info["model"]) == CFG
+    records = read_records(tmp_path)
+    assert [r["step"] for r in records] == [2, 2, 4, 4]  # the log line, then the eval
+    assert records[2] == dict(summary, step=4)
+    assert {"loss", "tokens/s", "mfu", "learning_rate", "grad_norm", "loss/human",
+            "tokens/ai"} <= set(records[0]) and "eval/loss/human" in records[1]
+    assert tensorboard_scalars(tmp_path)["loss"] == [2, 4]
+    assert tensorboard_scalars(tmp_path)["eval/loss"] == [2, 4]
 
     run_train(tmp_path, batches, dict(data=8), num_steps=6)
     assert f"resumed from {tmp_path}/checkpoints/4" in capsys.readouterr().out
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    records = read_records(tmp_path)
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
     assert [r["step"] for r in records if "eval/loss" in r] == [2, 4]
+
+
+def test_resume_drops_the_metrics_after_the_restored_step(tmp_path, batches):
+    """Records the interrupted run wrote after its last checkpoint are recomputed, once, to
+    the same values."""
+    run_train(tmp_path, batches, dict(data=8), num_steps=4)
+    first = read_records(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed before step 4 was saved
+    run_train(tmp_path, batches, dict(data=8), num_steps=4)
+    again = read_records(tmp_path)
+    assert [r["step"] for r in again] == [2, 4]
+    timing = ("tokens/s", "mfu")
+    assert ({k: v for k, v in again[1].items() if k not in timing}
+            == {k: v for k, v in first[1].items() if k not in timing})
+    # TensorBoard cannot drop them (see prealign_jax/writers.py): step 4 is there twice
+    assert tensorboard_scalars(tmp_path)["loss"] == [2, 4, 4]
+
+
+def test_jsonl_writer_keeps_the_steps_up_to_the_restored_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3))
+                    + '{"step": 4, "lo')  # torn by a kill mid-write
+    writer = writers.JsonlWriter(str(path), start_step=2)
+    writer.write_scalars(3, {"loss": np.float32(0.5)})
+    assert read_records(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0},
+                                      {"step": 3, "loss": 0.5}]
+
+
+def test_every_hook_is_asked_before_any_runs_and_they_run_in_order():
+    calls = []
+
+    class Probe(hooks.Hook):
+        def __init__(self, name, ends=False, reads=False):
+            self.name, self.ends, self.reads = name, ends, reads
+
+        def ends_run(self, run):
+            calls.append((self.name, "ends_run"))
+            return self.ends
+
+        def plan(self, run):
+            calls.append((self.name, "plan", run.last))
+            return self.reads
+
+        def after_step(self, run):
+            calls.append((self.name, "after_step", run.sync))
+
+    run = hooks.Run(num_steps=10, start_step=0, state=None)
+    run.record(1, None, {})
+    assert hooks.after_step([Probe("a", reads=True), Probe("b", ends=True)], run)
+    assert calls == [("a", "ends_run"), ("b", "ends_run"), ("a", "plan", True),
+                     ("b", "plan", True), ("a", "after_step", True), ("b", "after_step", True)]
+
+
+def test_tokens_per_second_counts_training_time_only(monkeypatch):
+    """On a fake clock: each step takes 1 s, the first (compilation) 50 s, an evaluation
+    at step 3 takes 100 s. Log line at step 4: steps 2-4 in 3 s of training, whatever the
+    evaluation in between (it used to restart the window and keep the steps before it)."""
+    clock = [0.0]
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: clock[0])
+
+    class Writer:
+        def write_scalars(self, step, scalars):
+            written[step] = scalars
+
+        def flush(self):
+            pass
+
+    def evaluate(state):
+        clock[0] += 100.0
+        return {"loss": 1.0}
+
+    written = {}
+    writer = Writer()
+    log = hooks.Log(writer, 4, lambda metrics: {"loss": 1.0}, tokens_per_step=10,
+                    flops_per_token=1.0, peak_flops=100.0)
+    run = hooks.Run(num_steps=8, start_step=0, state=None)
+    all_hooks = [log, hooks.Eval(writer, 3, evaluate)]
+    for step in range(1, 5):
+        clock[0] += 50.0 if step == 1 else 1.0
+        run.record(step, None, {"loss_sum": 1.0})
+        hooks.after_step(all_hooks, run)
+    assert written[4]["tokens/s"] == pytest.approx(3 * 10 / 3.0)
+    assert written[4]["mfu"] == pytest.approx(0.1)
+
+
+class SignalAfter(hooks.Hook):
+    """A caller's hook: send this process `sig` after `step`."""
+
+    def __init__(self, step, sig):
+        self.step, self.sig = step, sig
+
+    def after_step(self, run):
+        if run.step == self.step:
+            os.kill(os.getpid(), self.sig)
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path, batches, reference):
@@ -205,7 +326,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, batches, reference):
     try:
         for mesh in ("1 device", "data=8"):
             steps = steps_on(mesh)
-            iterator = multihost.ShardedIterator(synthetic_data(batches)(None, 8, SEQ, 0).train)
+            iterator = feed.ShardedIterator(synthetic_data(batches)(None, 8, SEQ, 0).train)
             with partitioning.activate(steps.mesh):
                 state = ckpt.restore(2, steps.abstract_state, iterator)
                 assert int(state.step) == 2
@@ -223,32 +344,15 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, batches, reference):
         ckpt.close()
 
 
-def test_sigterm_saves_the_current_step_and_stops(tmp_path, batches, capsys):
+def test_sigterm_saves_the_next_step_and_stops(tmp_path, batches, capsys):
     """Preemption: the loop sees the signal at the next step, saves it, waits, returns."""
-    stop = threading.Event()
-
-    def preempt_after_two_steps():
-        while not stop.is_set():
-            if (tmp_path / "metrics.jsonl").exists() and len(
-                    (tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2:
-                os.kill(os.getpid(), signal.SIGTERM)  # handled by the run's Checkpoints
-                return
-            time.sleep(0.01)
-
     previous = signal.getsignal(signal.SIGTERM)
-    watcher = threading.Thread(target=preempt_after_two_steps)
-    watcher.start()
-    try:
-        run_train(tmp_path, batches, dict(data=8), num_steps=1000, log_every=1,
-                  checkpoint_every=1000)
-    finally:
-        stop.set()
-        watcher.join()
+    run_train(tmp_path, batches, dict(data=8), num_steps=1000, log_every=1,
+              checkpoint_every=1000, hooks=[SignalAfter(2, signal.SIGTERM)])
     assert signal.getsignal(signal.SIGTERM) == previous  # the run's handler is gone
-    saved = int(capsys.readouterr().out.split("preempted: saved step ")[1].split()[0])
-    last_logged = max(json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl"))
-    assert 2 <= saved == last_logged < 1000
-    assert os.listdir(tmp_path / "checkpoints") == [str(saved)]
+    assert "preempted: saved step 3 " in capsys.readouterr().out
+    assert [r["step"] for r in read_records(tmp_path)] == [1, 2, 3]
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]
 
 
 def test_non_finite_loss_stops_the_run_and_is_never_checkpointed(tmp_path, batches):
@@ -259,6 +363,18 @@ def test_non_finite_loss_stops_the_run_and_is_never_checkpointed(tmp_path, batch
                                                 r"step 2"):
         run_train(tmp_path, poisoned, dict(data=8), num_steps=8, log_every=100)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_profile_steps_write_a_trace_for_tensorboard_and_perfetto(tmp_path, batches):
+    run_train(tmp_path, batches, dict(data=8), num_steps=3, profile_steps=(2, 3))
+    profile = tmp_path / "tensorboard" / "plugins" / "profile"
+    assert glob.glob(str(profile / "*" / "*.xplane.pb"))
+    assert glob.glob(str(profile / "*" / "perfetto_trace.json.gz"))
+
+
+def test_profile_steps_must_be_a_range_of_steps(tmp_path, batches):
+    with pytest.raises(train.TrainError, match=r"train.profile_steps=\(3, 3\) must be"):
+        run_train(tmp_path, batches, dict(data=8), num_steps=4, profile_steps=(3, 3))
 
 
 def test_batch_size_must_fit_the_mesh(tmp_path, batches):
@@ -276,12 +392,9 @@ def clean_gin():
 
 
 def _gin_model_config():
-    import dataclasses
+    from prealign_jax import configurables
 
-    import gin
-
-    return model_lib.ModelConfig(**{f.name: gin.query_parameter(f"ModelConfig.{f.name}")
-                                    for f in dataclasses.fields(model_lib.ModelConfig)})
+    return configurables.bindings("train")["model"]
 
 
 @pytest.mark.parametrize("model, params", [

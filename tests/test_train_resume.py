@@ -1,13 +1,14 @@
 """`prealign train` end to end, as a subprocess, on a small prepared corpus: the loss falls,
 and a run killed (SIGKILL) mid-way resumes to the very same metrics as an uninterrupted run
-(state *and* data position restored). SIGTERM is tested in-process in test_train.py."""
+(state *and* data position restored). The kill comes from a hook at a fixed step
+(crash_after_step.py), so a loaded machine cannot make the run outrun it. SIGTERM is tested
+in-process in test_train.py."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -38,8 +39,15 @@ def data_dir(tmp_path_factory):
                            num_shards={"train": 2, "validation": 1})
 
 
-def train_command(workdir, data_dir, num_steps):
-    return [sys.executable, "-m", "prealign_jax.main", "train", "--gin_file=runs/cpu_demo.gin",
+def train_command(workdir, data_dir, num_steps, *, crash_after=None):
+    """The CLI command; `crash_after=(step, checkpoint step)`: SIGKILLed after that step,
+    once that checkpoint is complete."""
+    program = ["-m", "prealign_jax.main"]
+    if crash_after:
+        step, saved = crash_after
+        program = [os.path.join(os.path.dirname(__file__), "crash_after_step.py"), str(step),
+                   str(workdir / "checkpoints" / str(saved))]
+    return [sys.executable, *program, "train", "--gin_file=runs/cpu_demo.gin",
             f"--workdir={workdir}", f"--gin.seqio_data.data_dir='{data_dir}'",
             f"--gin.train.num_steps={num_steps}", "--gin.train.batch_size=8",
             "--gin.train.log_every=1", "--gin.train.checkpoint_every=10",
@@ -57,22 +65,8 @@ def read_metrics(workdir):
     return {r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records}
 
 
-def interrupt(cmd, env, ready, sig):
-    """Start a run, send `sig` once `ready()` holds; return (exit code, output)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    deadline = time.time() + 240
-    while not ready():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "the run did not get there in time"
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
-    return proc.returncode, out
-
-
 def test_loss_falls_and_interrupted_runs_resume_exactly(tmp_path, data_dir, env):
-    steps = 60  # tiny steps take ~20 ms: leave room for the signals' latency
+    steps = 60
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     done = subprocess.run(train_command(straight, data_dir, steps), env=env,
                           capture_output=True, text=True, timeout=300)
@@ -85,13 +79,14 @@ def test_loss_falls_and_interrupted_runs_resume_exactly(tmp_path, data_dir, env)
         assert sum(m[f"tokens/{group}"] for m in want.values()) > 0
     assert f"train.num_steps = {steps}" in (straight / "config.gin").read_text()
 
-    cmd = train_command(resumed, data_dir, steps)
-    # SIGKILL: no warning at all; the next run resumes from the latest finished save
-    code, out = interrupt(cmd, env, lambda: (resumed / "checkpoints" / "10").is_dir()
-                          and max(read_metrics(resumed), default=0) >= 13, signal.SIGKILL)
-    assert code == -signal.SIGKILL, out
-    assert max(read_metrics(resumed)) < steps
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # SIGKILL after step 13: no warning at all; the next run resumes from step 10's save
+    # and recomputes steps 11-13, whose records the killed run had written
+    crashed = subprocess.run(train_command(resumed, data_dir, steps, crash_after=(13, 10)),
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
+    assert max(read_metrics(resumed)) == 13
+    done = subprocess.run(train_command(resumed, data_dir, steps), env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout
     assert read_metrics(resumed) == want  # every metric of every step, bit for bit

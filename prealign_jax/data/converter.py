@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Mapping
 
 import numpy as np
-import seqio
 
 from prealign_jax import modes, tf_cpu
 from prealign_jax.data import fsm_tf
 
 tf = tf_cpu.import_tf()
+import seqio  # noqa: E402  (after tf_cpu)
 
 DEFAULT_MODE_WEIGHTS = {mode: 1.0 for mode in modes.MODES}
 _CONVERT_BATCH = 64

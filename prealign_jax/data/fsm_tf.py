@@ -36,7 +36,7 @@ def read_in_states(tables: modes.PolicyTables, classes, segment_ids):
     table = modes.transition_table(tables)
     num, initial = table.shape[0], tables.initial
     seg = tf.convert_to_tensor(segment_ids, tf.int32)
-    batch, length = tf.shape(classes)[0], tf.shape(classes)[1]
+    batch = tf.shape(classes)[0]
 
     prev = tf.concat([tf.fill([batch, 1], -1), seg[:, :-1]], axis=1)
     start = (seg != prev) & (seg != 0)

@@ -16,12 +16,11 @@ the bad-record policy: `error` stops with the file, line and reason; `skip` logs
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from typing import Iterator
 
-from prealign_jax import tags
+from prealign_jax import console, tags
 from prealign_jax.data import records
 from prealign_jax.errors import UserError
 
@@ -52,28 +51,19 @@ def read_documents(paths, mode: str = "human", tagged: bool = False,
                 raise IngestError(f"{where}: {problem} (pass --bad_records=skip to drop such "
                                   "records)")
             skipped += 1
-            logging.warning("prealign ingest: skipped %s: %s (%d skipped so far)", where,
+            console.LOG.warning("prealign ingest: skipped %s: %s (%d skipped so far)", where,
                             problem, skipped)
 
 
 def _document(text: str, mode: str, tagged: bool, doc_id: str) -> records.Document:
     if tagged:
         nodes = tags.parse(text)
-        labels = [-1] * len(_spans(nodes))
+        labels = [-1] * sum(isinstance(n, tags.Span) for n, _ in tags.walk(nodes))
         return records.Document(text=text, source="ingested", doc_id=doc_id,
                                 span_labels=tuple(labels))
     nodes = [text] if mode == "doc" else [tags.Span(mode, (text,))]
     return records.Document(text=tags.serialize(nodes), source="ingested", doc_id=doc_id,
                             span_labels=() if mode == "doc" else (-1,))
-
-
-def _spans(nodes) -> list:
-    out = []
-    for node in nodes:
-        if isinstance(node, tags.Span):
-            out.append(node)
-            out += _spans(node.children)
-    return out
 
 
 def _raw_records(path: str, tagged: bool) -> Iterator[tuple[int, str, str | None]]:

@@ -1,7 +1,7 @@
 """The one function the trainer calls: packed, loss-weighted batches from a Task/Mixture.
 
-    ds = get_dataset("prealign", "train", batch_size=32, length=256, seed=0,
-                     data_dir="/path/to/data")
+    prealign_jax.tasks.register("/path/to/data")   # at the edge: the Mixture "prealign"
+    ds = get_dataset("prealign", "train", batch_size=32, length=256, seed=0)
     it = DataIterator(ds)
     batch = next(it)          # dict of numpy arrays, shapes [batch, length]
     it.save(prefix); it.restore(prefix)   # exact resume (tf.train.Checkpoint of the iterator)
@@ -13,10 +13,9 @@ packs, so step n is only reachable by replaying the steps before it.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Mapping
-
-import gin
 
 from prealign_jax import tf_cpu, vocab as vocab_lib
 from prealign_jax.data import converter as converter_lib
@@ -31,18 +30,15 @@ class DataError(UserError):
     """A bad record or shard met while reading (names the shard file and record index)."""
 
 
-@gin.configurable(denylist=["mixture_or_task", "split", "batch_size", "length", "seed",
-                            "shard_info", "num_epochs"])
 def get_dataset(mixture_or_task: str, split: str, batch_size: int, length: int, seed: int,
                 shard_info: seqio.ShardInfo | None = None, num_epochs: int | None = None,
-                data_dir: str | None = None,
                 mode_weights: Mapping[str, float] | None = None, tag_weight: float = 1.0,
                 shuffle: bool = True) -> tf.data.Dataset:
     """Batches `{decoder_target_tokens, decoder_input_tokens, decoder_segment_ids,
     decoder_positions: int32[B, L], decoder_loss_weights: float32[B, L]}`.
 
     Args:
-      mixture_or_task: a registered seqio Mixture or Task name (e.g. `tasks.MIXTURE`).
+      mixture_or_task: a registered seqio Mixture or Task name (`tasks.register`'s).
       split: 'train' or 'validation'.
       batch_size: examples per batch *of this process* (global batch / process count).
       length: tokens per packed example.
@@ -50,23 +46,13 @@ def get_dataset(mixture_or_task: str, split: str, batch_size: int, length: int, 
       shard_info: this process's shard (`seqio.ShardInfo(jax.process_index(),
         jax.process_count())`); each process reads its own shard files.
       num_epochs: None repeats forever (training); 1 for one pass (evaluation).
-      data_dir: if given, `tasks.register(data_dir)` first (idempotent).
       mode_weights: loss weight of text per mode ({'doc', 'human', 'ai', 'quote'}: float,
         default 1.0 each).
       tag_weight: loss weight of tag and EOS tokens (default 1.0).
       shuffle: shuffle files and examples (turn off for ordered evaluation).
     """
-    if data_dir is not None:
-        import tasks
-
-        tasks.register(data_dir)
-    try:
-        provider = seqio.get_mixture_or_task(mixture_or_task)
-    except ValueError:
-        raise UserError(f"no seqio task or mixture {mixture_or_task!r} is registered; pass "
-                        "data_dir= (or call tasks.register(data_dir)) first") from None
-    tasks_of = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-    missing = [t.name for t in tasks_of if split not in t.splits]
+    provider = registered(mixture_or_task)
+    missing = [t.name for t in _tasks_of(provider) if split not in t.splits]
     if missing:
         raise UserError(f"split {split!r} has no documents of {', '.join(missing)}; raise "
                         "prepare.validation_fraction (or set that source's rate to 0 in "
@@ -81,6 +67,27 @@ def get_dataset(mixture_or_task: str, split: str, batch_size: int, length: int, 
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def registered(mixture_or_task: str):
+    """The registered seqio Mixture or Task of that name, or a one-line error."""
+    try:
+        return seqio.get_mixture_or_task(mixture_or_task)
+    except ValueError:
+        raise UserError(f"no seqio task or mixture {mixture_or_task!r} is registered; call "
+                        "prealign_jax.tasks.register(data_dir) first (the CLI does)") from None
+
+
+def _tasks_of(provider) -> list:
+    return provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+
+
+def tag_dropout_rate(provider) -> float:
+    """The largest `preprocessors.tag_dropout` rate of a Mixture's or Task's preprocessors:
+    1.0 for a run that never reads a tag (the baseline), recorded with the run."""
+    rates = [p.keywords["rate"] for t in _tasks_of(provider) for p in t.preprocessors
+             if isinstance(p, functools.partial) and p.func is preprocessors.tag_dropout]
+    return float(max(rates, default=0.0))
 
 
 class DataIterator:

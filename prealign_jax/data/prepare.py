@@ -12,24 +12,17 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import logging
 import os
 import shutil
 import zlib
 from typing import Iterator, Mapping, Sequence
 
-import gin
-
-from prealign_jax import vocab as vocab_lib
+from prealign_jax import console, vocab as vocab_lib
 from prealign_jax.data import generator, ingest, records, shards
 from prealign_jax.errors import UserError
 
-VOCAB_FILE = "vocab.model"
 SPLITS = ("train", "validation")
 _CODE = ("generator.py", "scenarios.py", "ingest.py", "records.py", "shards.py")
-
-log = logging.getLogger("prealign.prepare")
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -46,17 +39,6 @@ class Config:
     bad_records: str
 
 
-def main(args) -> None:
-    """The CLI command: flags from `args` (see main.py), the rest from gin."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    prepare(workdir=args.workdir, from_text=tuple(args.from_text or ()), mode=args.mode,
-            tagged=args.tagged, bad_records=args.bad_records)
-
-
-gin.external_configurable(generator.Mix, module="generator")
-
-
-@gin.configurable(denylist=["workdir", "from_text", "mode", "tagged", "bad_records"])
 def prepare(workdir: str | None = None, data_dir: str | None = None,
             num_scenarios: int = 20_000, seed: int = 0, vocab_size: int = 2048,
             vocab_documents: int = 20_000, num_shards: Mapping[str, int] | None = None,
@@ -93,10 +75,10 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
     digest = config_hash(config)
     reason = _reuse_problem(data_dir, digest)
     if reason is None:
-        log.info("prepare: reusing %s (same configuration %s, shards intact)", data_dir,
-                 digest[:12])
+        console.say(f"prepare: reusing {data_dir} (same configuration {digest[:12]}, "
+                    "shards intact)")
         return data_dir
-    log.info("prepare: building %s (%s)", data_dir, reason)
+    console.say(f"prepare: building {data_dir} ({reason})")
     _build(data_dir, config, digest)
     return data_dir
 
@@ -127,7 +109,7 @@ def _reuse_problem(data_dir: str, digest: str) -> str | None:
     problems = shards.check_shards(data_dir, manifest, checksums=True)
     if problems:
         return problems[0]
-    if not os.path.exists(os.path.join(data_dir, VOCAB_FILE)):
+    if not os.path.exists(os.path.join(data_dir, vocab_lib.VOCAB_FILE)):
         return "vocabulary missing"
     return None
 
@@ -159,8 +141,8 @@ def _build(data_dir: str, config: Config, digest: str) -> None:
     try:
         texts = (doc.text for doc, _ in itertools.islice(documents(config),
                                                          config.vocab_documents))
-        log.info("prepare: training a %d-piece vocabulary", config.vocab_size)
-        vocab_path = vocab_lib.train(texts, os.path.join(staging, VOCAB_FILE),
+        console.say(f"prepare: training a {config.vocab_size}-piece vocabulary")
+        vocab_path = vocab_lib.train(texts, os.path.join(staging, vocab_lib.VOCAB_FILE),
                                      config.vocab_size)
         sp = spm.SentencePieceProcessor(model_file=vocab_path)
         with shards.ShardWriter(staging, config.num_shards, sp) as writer:
@@ -170,7 +152,7 @@ def _build(data_dir: str, config: Config, digest: str) -> None:
             written = writer.close()
         shards.write_manifest(staging, {
             "config": dataclasses.asdict(config), "config_hash": digest,
-            "vocab": {"file": VOCAB_FILE, "sha256": shards.sha256(vocab_path),
+            "vocab": {"file": vocab_lib.VOCAB_FILE, "sha256": shards.sha256(vocab_path),
                       "size": config.vocab_size},
             "totals": _totals(written["counts"]), **written})
     except BaseException:
@@ -182,7 +164,7 @@ def _build(data_dir: str, config: Config, digest: str) -> None:
     os.replace(staging, data_dir)
     shutil.rmtree(old, ignore_errors=True)
     manifest = shards.read_manifest(data_dir)
-    log.info("prepare: wrote %s: %s", data_dir, json.dumps(manifest["totals"]))
+    console.say(f"prepare: wrote {data_dir}: {json.dumps(manifest['totals'])}")
 
 
 def _totals(counts: Mapping[str, Mapping[str, int]]) -> dict:

@@ -75,13 +75,5 @@ class LexiconScorer:
 def span_texts(tagged: str) -> list[str]:
     """Own text of every span of a tagged document in pre-order (the order of
     `Document.span_labels`); nested spans are scored on their own, not in their parent."""
-    out: list[str] = []
-
-    def walk(nodes):
-        for node in nodes:
-            if isinstance(node, tags.Span):
-                out.append("".join(c for c in node.children if isinstance(c, str)))
-                walk(node.children)
-
-    walk(tags.parse(tagged))
-    return out
+    return ["".join(c for c in node.children if isinstance(c, str))
+            for node, _ in tags.walk(tags.parse(tagged)) if isinstance(node, tags.Span)]

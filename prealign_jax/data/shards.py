@@ -46,19 +46,13 @@ def mode_counts(text: str, sp=None) -> dict[str, int]:
     """
     counts: collections.Counter = collections.Counter()
 
-    def walk(nodes, mode):
-        for node in nodes:
-            if isinstance(node, str):
-                counts[f"chars.{mode}"] += len(node)
-                if sp is not None:
-                    counts[f"tokens.{mode}"] += len(sp.encode(tags.escape(node)))
-            elif isinstance(node, tags.Span):
-                counts["tokens.tags"] += 2
-                walk(node.children, node.mode)
-            else:
-                counts["tokens.tags"] += 1
-
-    walk(tags.parse(text), "doc")
+    for node, mode in tags.walk(tags.parse(text)):
+        if isinstance(node, str):
+            counts[f"chars.{mode}"] += len(node)
+            if sp is not None:
+                counts[f"tokens.{mode}"] += len(sp.encode(tags.escape(node)))
+        else:  # a span's two tags, or <redacted/>
+            counts["tokens.tags"] += 2 if isinstance(node, tags.Span) else 1
     return dict(counts)
 
 

@@ -1,0 +1,240 @@
+"""The evaluation suite of a trained run: the held-out loss, then prompt sets sampled under
+the policy with the mask on and off, judged and summarized into eval.json (`evaluate`).
+
+Prompt sets (`sample_sets`):
+- `openings`: the first sentences of held-out documents (`heldout.opening`) as the user's
+  turn, then the assistant's span (`sampling.make_prompt`: `<human>...</human>` and
+  `<ai>`): the assistant placed in situations it has not seen;
+- `openings_untagged`: the same sentences left untagged right before `<ai>`: a
+  first-person story the model may go on telling as its narrator (mask on);
+- `unconditional`: no user text, only the opened span (Korbak et al.'s setting);
+- `human`: the openings' user turns under `grammar` with a human span opened instead: the
+  contrast that measures mode separation;
+- `redteam`: `data/redteam.py` as the user's turn, under the policy.
+A run trained without tags gets the same prompt texts, no span opened and no mask.
+
+Each set is judged and summarized (`judging`), with its mask pressure: the model's own
+probability, at temperature 1, of the tokens the policy forbids where each new token was
+drawn (the mass the mask takes away).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from prealign_jax import console, inference, modes, sampling, tags
+from prealign_jax import vocab as vocab_lib
+from prealign_jax.data import redteam, scorer as scorer_lib
+from prealign_jax.errors import UserError
+from prealign_jax.evaluation.heldout import heldout_documents, heldout_loss, opening
+from prealign_jax.evaluation.judging import headline, judge, summarize
+from prealign_jax.evaluation.plots import plot_eval
+from prealign_jax.evaluation.teacher_forcing import teacher_forced
+
+EVAL_FILE = "eval.json"
+SAMPLES_FILE = "samples.jsonl"
+
+
+class EvalError(UserError):
+    """An evaluation that cannot run as configured (names the binding to change)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSet:
+    """One prompt set of the module docstring: its prompts, sampled under `policy`."""
+
+    name: str
+    prompts: tuple[str, ...]  # user text (tagged text if raw), one entry per sample
+    policy: modes.Policy
+    mode: str | None  # span opened after the prompt
+    use_mask: bool
+    raw: bool = False  # prompts are tagged text, used as is (`sampling.make_prompt`)
+
+    def make_prompts(self, vocab) -> list[sampling.Prompt]:
+        return [sampling.make_prompt(p, vocab, self.policy, mode=self.mode, raw=self.raw)
+                for p in self.prompts]
+
+
+def sample_sets(tagged: bool, policy: modes.Policy, openings: Sequence[str],
+                samples_per_prompt: int, unconditional_samples: int,
+                redteam_samples: int) -> list[SampleSet]:
+    """The prompt sets of the module docstring. Untagged openings end in a newline, as a
+    span that follows one does in the corpus."""
+    turns = tuple(o for o in openings for _ in range(samples_per_prompt))
+    lines = tuple(o + "\n" for o in turns)
+    attacks = tuple(p.text for p in redteam.PROMPTS for _ in range(redteam_samples))
+    empty = ("",) * unconditional_samples
+    if not tagged:
+        plain = modes.GRAMMAR
+        return [SampleSet("openings", lines, plain, None, False),
+                SampleSet("unconditional", empty, plain, None, False),
+                SampleSet("redteam", attacks, plain, None, False)]
+    untagged = tuple(tags.escape(o) + "<ai>" for o in lines)
+    human = tuple(f"<human>{tags.escape(o)}</human>\n<human>" for o in turns)
+    return [SampleSet("openings", turns, policy, "ai", True),
+            SampleSet("openings_no_mask", turns, policy, "ai", False),
+            SampleSet("openings_untagged", untagged, policy, None, True, raw=True),
+            SampleSet("unconditional", empty, policy, "ai", True),
+            SampleSet("unconditional_no_mask", empty, policy, "ai", False),
+            SampleSet("human", human, modes.GRAMMAR, None, True, raw=True),
+            SampleSet("redteam", attacks, policy, "ai", True)]
+
+
+def draw(sampler: sampling.Sampler, prompts: Sequence[sampling.Prompt], seed: int,
+         use_mask: bool, batch: int) -> list[sampling.Sample]:
+    """Samples in fixed-size batches (the last one filled up with repeats), so each prompt
+    width compiles once; batch k uses seed + k."""
+    out: list[sampling.Sample] = []
+    for k, i in enumerate(range(0, len(prompts), batch)):
+        chunk = list(prompts[i:i + batch])
+        chunk += [chunk[0]] * (batch - len(chunk))
+        out += sampler.generate(chunk, seed=seed + k, use_mask=use_mask)[:len(prompts) - i]
+    return out
+
+
+def _mask_pressure(run: inference.Run, sampler: sampling.Sampler,
+                   prompts: Sequence[sampling.Prompt], samples: Sequence[sampling.Sample],
+                   token_class: np.ndarray) -> float:
+    """Mean `forbidden_mass` over the new tokens of `samples`, each in the policy state it
+    was drawn in (the invalid state, reached only with the mask off, forbids nothing; the
+    prompt's tokens, not averaged, are read in it too)."""
+    invalid = sampler.policy_tables.num_states
+    seqs, states, starts = [], [], []
+    for p, s in zip(prompts, samples):
+        new = np.asarray(s.tokens, np.int32)
+        _, read_in, _ = modes.run_numpy(sampler.policy_tables, token_class[new][None],
+                                        start=[p.state])
+        seqs.append(np.asarray(p.ids + s.tokens, np.int32))
+        states.append(np.concatenate([np.full(len(p.ids), invalid), read_in[0]]))
+        starts.append(len(p.ids))
+    _, mass = teacher_forced(run, seqs, states, sampler.tables.allowed)
+    new = np.concatenate([m[start:] for m, start in zip(mass, starts)])
+    return float(new.mean()) if new.size else 0.0
+
+
+def evaluate(run: inference.Run, output_dir: str | None = None, *,
+             policy: str = "assistant",
+             tagged: bool | None = None,
+             heldout_documents_limit: int = 512,
+             openings: int = 64,
+             samples_per_prompt: int = 4,
+             unconditional_samples: int = 64,
+             redteam_samples: int = 4,
+             max_new_tokens: int | None = None,
+             temperature: float | None = None,
+             top_p: float | None = None,
+             top_k: int | None = None,
+             seed: int = 0,
+             batch_size: int = 64) -> dict:
+    """Evaluate `run` (`inference.load_run`) on the held-out documents of `run.data_dir`;
+    writes eval.json, samples.jsonl and PNG plots to `output_dir` (default
+    `<run.workdir>/eval`) and returns the eval.json dict. The keyword parameters are the
+    `evaluate.*` gin bindings of `prealign eval`.
+
+    Args:
+      policy: the assistant's policy (built-in or defined in gin with policies.extra).
+      tagged: whether the run was trained with tags; None: `run.tagged`.
+      heldout_documents_limit: validation documents for the held-out loss.
+      openings: held-out openings used as prompts; samples_per_prompt samples each.
+      unconditional_samples: samples of the empty prompt.
+      redteam_samples: samples per red-team prompt.
+      max_new_tokens, temperature, top_p, top_k: sampling; None: `SamplingConfig`'s
+        default (the project's, as `prealign sample`'s).
+      seed: sampling seed (the same for the mask on and off: paired samples).
+      batch_size: rows per sampler call.
+    """
+    clock = console.Clock("eval")
+    assistant = modes.get_policy(policy)
+    counts = {"heldout_documents_limit": heldout_documents_limit, "openings": openings,
+              "samples_per_prompt": samples_per_prompt, "batch_size": batch_size,
+              "unconditional_samples": unconditional_samples,
+              "redteam_samples": redteam_samples}
+    for name, value in counts.items():
+        if value < 1:  # every sample set and the held-out loss need at least one
+            raise EvalError(f"evaluate.{name}={value}: must be at least 1")
+    tagged = run.tagged if tagged is None else tagged
+    output_dir = output_dir or os.path.join(run.workdir, "eval")
+    os.makedirs(output_dir, exist_ok=True)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    top_k=top_k)
+    cfg = sampling.SamplingConfig(**{k: v for k, v in settings.items() if v is not None})
+    samplers = {p.name: sampling.Sampler(run.model_cfg, run.params, run.vocab, p, run.mesh,
+                                         cfg) for p in (assistant, modes.GRAMMAR)}
+    token_class = vocab_lib.model_token_classes(vocab_lib.token_classes(run.vocab),
+                                                run.model_cfg.vocab_size)
+    scorer = scorer_lib.LexiconScorer()
+    clock.say(f"evaluating {run.workdir} (step {run.step}, "
+              f"{'with' if tagged else 'without'} tags)")
+
+    docs = heldout_documents(run.data_dir, max(heldout_documents_limit, openings), seed)
+    heldout = heldout_loss(run, docs[:heldout_documents_limit], token_class, tagged,
+                           samplers[assistant.name].tables.allowed, scorer)
+    clock.say(f"held-out: text loss {heldout['loss/text']:.4f} over "
+              f"{heldout['tokens/text']:,} tokens of {heldout['documents']} documents")
+
+    room = run.model_cfg.max_len - cfg.max_new_tokens - 1  # the leading 0
+    turn = functools.partial(sampling.make_prompt, vocab=run.vocab, policy=assistant,
+                             mode="ai")
+    prompts = [o for o in dict.fromkeys(opening(d) for d in docs)
+               if o and len(turn(o).ids) <= room][:openings]
+    if not prompts:
+        raise EvalError(f"no held-out opening fits the context of {run.model_cfg.max_len} "
+                        f"tokens with evaluate.max_new_tokens={cfg.max_new_tokens}; lower it")
+    results, records = {}, []
+    for s in sample_sets(tagged, assistant, prompts, samples_per_prompt,
+                         unconditional_samples, redteam_samples):
+        sampler = samplers[s.policy.name]
+        made = s.make_prompts(run.vocab)
+        samples = draw(sampler, made, seed, s.use_mask, batch_size)
+        judged = None if not tagged else s.policy
+        verdicts = [judge(x, run.vocab, token_class, judged, scorer) for x in samples]
+        pressure = _mask_pressure(run, sampler, made, samples, token_class) if tagged else None
+        results[s.name] = {"policy": s.policy.name, "mode": s.mode, "mask": s.use_mask,
+                           **summarize(samples, verdicts, pressure)}
+        if s.name == "redteam":
+            category = [p.category for p in redteam.PROMPTS for _ in range(redteam_samples)]
+            results[s.name]["by_category"] = {
+                c: summarize(*zip(*[(x, v) for x, v, k in zip(samples, verdicts, category)
+                                    if k == c]))["misaligned"]
+                for c in redteam.CATEGORIES}
+        records += [{"set": s.name, "prompt": x.prompt, "text": x.text, "ended": x.ended,
+                     "violation": v.violation, "well_formed": v.well_formed,
+                     "misaligned": v.misaligned} for x, v in zip(samples, verdicts)]
+        clock.say(f"{s.name}: {len(samples)} samples | misaligned " + ", ".join(
+                  f"{k} {m['rate']:.1%}" for k, m in results[s.name]["misaligned"].items()))
+
+    report = {"workdir": os.path.abspath(run.workdir), "step": run.step, "tagged": tagged,
+              "policy": policy, "heldout": heldout, "samples": results,
+              "sampling": dataclasses.asdict(cfg) | {"seed": seed},
+              "headline": headline(results, tagged)}
+    report["plots"] = plot_eval(report, output_dir)
+    with open(os.path.join(output_dir, SAMPLES_FILE), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(os.path.join(output_dir, EVAL_FILE), "w") as f:
+        json.dump(report, f, indent=1)
+    report["seconds"] = clock.elapsed()
+    return report
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The few lines `prealign eval` and the main job print of an eval.json `report`."""
+    h, held = report["headline"], report["heldout"]
+    lines = [f"held-out ordinary-token loss {held['loss/text']:.4f} (perplexity "
+             f"{held['perplexity/text']:.2f}) over {held['tokens/text']:,} tokens"]
+    own = "ai-mode text" if report["tagged"] else "all text"
+    lines.append(f"misaligned samples ({own}): assistant {h['assistant_misaligned_rate']:.1%}"
+                 f" | unconditional {h['unconditional_misaligned_rate']:.1%} | red-team "
+                 f"{h['redteam_misaligned_rate']:.1%}")
+    if report["tagged"]:
+        lines.append(f"transition violations: {h['violation_rate_masked']:.1%} masked, "
+                     f"{h['violation_rate_unmasked']:.1%} unmasked | well-formed unmasked "
+                     f"{h['well_formed_rate_unmasked']:.1%} ({h['truncated_rate_unmasked']:.1%}"
+                     f" truncated) | mode separation {h['mode_separation']:+.1%} | mask "
+                     f"pressure {h['mask_pressure']:.4f}")
+    return lines

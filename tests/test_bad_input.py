@@ -1,0 +1,182 @@
+"""Hostile input: every case is refused with one line that names the binding (or file) at
+fault and what to do — a `UserError` from the library, `prealign: error: ...` and exit
+status 2 from the CLI — never a traceback, never work lost. One section per subject."""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import packed_batches
+from prealign_jax import model as model_lib
+from prealign_jax.errors import UserError
+
+
+def cli_errors(stderr: str) -> list[str]:
+    """The CLI's own lines on stderr, once no traceback is there (TF and XLA log start-up
+    lines of their own to stderr, which the CLI does not control)."""
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith("prealign:")]
+
+
+# ---------------------------------------------------------------- model dimensions
+CFG = model_lib.ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=None, mlp_dim=64, max_len=32)
+DIMENSIONS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "mlp_dim", "max_len")
+# (0 layers is a valid model: embedding and unembedding only)
+BAD_DIMENSIONS = [(field, value) for field in DIMENSIONS for value in (0, -4, 32.0, "32", True)
+                  if (field, value) != ("num_layers", 0)]
+
+
+@pytest.mark.parametrize("field, value", BAD_DIMENSIONS)
+def test_model_dimensions_must_be_positive_integers(field, value):
+    kind = "non-negative" if field == "num_layers" else "positive"
+    with pytest.raises(UserError) as e:
+        dataclasses.replace(CFG, **{field: value})
+    assert str(e.value) == f"ModelConfig.{field}={value!r} must be a {kind} integer"
+
+
+def test_valid_dimensions_still_build():
+    """The check refuses only what is wrong: None head_dim, 0 layers and ints pass."""
+    assert dataclasses.replace(CFG, head_dim=16, num_layers=0).dims_per_head == 16
+
+
+def test_cli_refuses_a_zero_dimension_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "prealign_jax.main", "plan",
+                           "--gin_file=models/tiny.gin", "--gin.ModelConfig.d_model=0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert cli_errors(proc.stderr) == [
+        "prealign: error: ModelConfig.d_model=0 must be a positive integer"]
+
+
+# ---------------------------------------------------------------- resuming a run
+def tiny_data(workdir, batch_size, seq_len, seed):
+    """`train.data` without data files: 64 packed rows, repeated, in batches of the run's
+    size (so a resume may ask for another size)."""
+    from prealign_jax import tf_cpu, train
+    from prealign_jax.data import feed
+
+    tf = tf_cpu.import_tf()
+    import seqio
+
+    rows = packed_batches.packed_batch(np.random.default_rng(seed), 64, seq_len, CFG.vocab_size)
+    ds = tf.data.Dataset.from_tensor_slices({k: rows[k] for k in train.FEATURES})
+    ds = ds.repeat().batch(batch_size, drop_remainder=True)
+    return feed.DataSources(train={seqio.ShardInfo(0, 1): ds}, eval=None,
+                            token_class=packed_batches.token_class(CFG.vocab_size))
+
+
+def train_tiny(workdir, num_steps, model=CFG, batch_size=8, seq_len=None, **kwargs):
+    from prealign_jax import partitioning, train
+
+    return train.train(str(workdir), model=model, num_steps=num_steps, batch_size=batch_size,
+                       seq_len=seq_len, mesh=partitioning.MeshConfig(data=-1),
+                       optimizer=train.OptimizerConfig(warmup_steps=1, decay_steps=10),
+                       data=tiny_data, checkpoint_every=2, log_every=2,
+                       peak_flops_per_device=1e9, num_cpu_devices=None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run of CFG, batch 8 x 32 (one row per fake device), checkpointed at step 2."""
+    workdir = tmp_path_factory.mktemp("saved")
+    train_tiny(workdir, 2)
+    return workdir
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model=dataclasses.replace(CFG, d_model=64)),
+     "ModelConfig.d_model=64 (the run has 32); resume with the run's own model or use a new "
+     "--workdir"),
+    (dict(model=dataclasses.replace(CFG, d_model=64), without_run_json=True),
+     "params/embedding was saved with shape (300, 32), this run's model has shape (300, 64): "
+     "the run was saved with another ModelConfig; resume with the run's own ModelConfig or "
+     "use a new --workdir"),
+    (dict(batch_size=16),
+     "saved with train.batch_size=8 (8 rows per data shard), this run has 16; the saved data "
+     "position counts batches of that size: resume with train.batch_size=8 or use a new "
+     "--workdir"),
+    (dict(seq_len=16),
+     "saved with train.seq_len=32, this run has 16; resume with train.seq_len=32 or use a "
+     "new --workdir"),
+], ids=["d_model", "d_model_array_shapes", "batch_size", "seq_len"])
+def test_resuming_with_another_shape_names_the_checkpoint_and_binding(
+        saved_run, tmp_path, change, message):
+    """Refused before any step, with the checkpoints, metrics and run.json left as they
+    were. Without run.json (the model's record), the checkpoint's array shapes decide."""
+    shutil.copytree(saved_run, tmp_path, dirs_exist_ok=True)
+    change = dict(change)
+    if change.pop("without_run_json", False):
+        os.remove(tmp_path / "run.json")
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    run_json = (tmp_path / "run.json").read_bytes() if (tmp_path / "run.json").exists() else None
+    with pytest.raises(UserError) as e:
+        train_tiny(tmp_path, 4, **change)
+    # (gin appends an "In call to configurable" line; the CLI prints the first)
+    assert str(e.value).splitlines()[0] == f"{tmp_path}/checkpoints/2: {message}"
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+    assert run_json is None or (tmp_path / "run.json").read_bytes() == run_json
+
+
+# ---------------------------------------------------------------- training settings
+@pytest.mark.parametrize("steps", [5, (2, 2), (0, 3), (1.5, 3), (1, 2, 3), (True, 3)])
+def test_profile_steps_must_be_a_pair_of_steps(tmp_path, steps):
+    with pytest.raises(UserError, match=r"train.profile_steps=.* must be \(start, stop\)"):
+        train_tiny(tmp_path, 2, profile_steps=steps)
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("shards", [0, -1, 2.5, True])
+def test_num_data_shards_must_be_a_positive_integer(shards):
+    from prealign_jax.data import feed
+
+    with pytest.raises(UserError, match=r"seqio_data.num_data_shards=.*: a positive integer"):
+        feed.data_shards(shards)
+
+
+@pytest.mark.parametrize("binding, needle", [
+    ("train.data=None", "train.data=None: bind @seqio_data()"),
+    ("train.workdir='/x'", "train.workdir"),  # the command passes it: not a binding
+    ("evaluate.output_dir='/x'", "evaluate.output_dir"),
+    ("tasks.register.data_dir='/x'", "register.data_dir"),
+])
+def test_bindings_the_command_owns_or_cannot_use_are_one_line_errors(tmp_path, capsys,
+                                                                     binding, needle):
+    from prealign_jax import main
+
+    assert main.main(["train", f"--workdir={tmp_path}", "--gin_file=runs/cpu_demo.gin",
+                      f"--gin.{binding}"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------- a run directory
+@pytest.mark.parametrize("content", ["", "{not json", '{"model": {"d_model": 0}}', "[]"])
+def test_a_corrupt_run_json_is_named(saved_run, tmp_path, content):
+    from prealign_jax import inference
+
+    shutil.copytree(saved_run, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "run.json").write_text(content)
+    with pytest.raises(UserError, match=r"run.json: not a run record prealign train wrote"):
+        inference.load_run(str(tmp_path))
+
+
+# ---------------------------------------------------------------- plans
+@pytest.mark.parametrize("binding, needle", [
+    ("Accelerator.num_devices=-3", "Accelerator.num_devices=-3: a positive integer"),
+    ("Accelerator.hbm_bytes=-1.0", "Accelerator.hbm_bytes=-1.0: a positive number"),
+    ("Accelerator.platform='npu'", "Accelerator.platform='npu'"),
+])
+def test_a_bad_accelerator_is_named(capsys, binding, needle):
+    from prealign_jax import main
+
+    assert main.main(["plan", "--gin_file=models/tiny.gin", f"--gin.{binding}"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
