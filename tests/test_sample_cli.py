@@ -10,37 +10,21 @@ import sys
 
 import pytest
 
-from cli_helpers import tiny_model_flags
+from cli_helpers import cpu_env, train_tiny_run
 
 from prealign_jax import tags
 
 pytestmark = pytest.mark.slow
 
-MODEL = tiny_model_flags(max_len=128)
 POLICIES = [("grammar", None, []), ("assistant", "ai", []), ("human_only", "human", []),
             ("assistant_no_quotes", "ai", ["--gin_file=policies/assistant_no_quotes.gin"])]
-
-
-def env(devices=1):
-    e = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return e
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run trained for 30 steps on a small prepared corpus (mesh: 1 device)."""
-    from prealign_jax.data import prepare
-
     workdir = tmp_path_factory.mktemp("run")
-    prepare.prepare(workdir=str(workdir), num_scenarios=1500, vocab_size=512,
-                    vocab_documents=1500, num_shards={"train": 2, "validation": 1})
-    subprocess.run([sys.executable, "-m", "prealign_jax.main", "train",
-                    "--gin_file=runs/cpu_demo.gin", f"--workdir={workdir}",
-                    "--gin.train.num_steps=30", "--gin.train.batch_size=8",
-                    "--gin.train.checkpoint_every=30", "--gin.train.eval_every=0",
-                    "--gin.train.peak_flops_per_device=1e10", *MODEL],
-                   check=True, env=env(), capture_output=True, timeout=900)
+    train_tiny_run(workdir, max_len=128)
     return workdir
 
 
@@ -61,7 +45,7 @@ def sample(run_dir, tmp_path, policy, mode, extra, devices=8, *more):
         stdout = stdout.getvalue()
     else:
         proc = subprocess.run([sys.executable, "-m", "prealign_jax.main", *argv],
-                              env=env(devices), capture_output=True, text=True, timeout=600)
+                              env=cpu_env(devices), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         stdout = proc.stdout
     return stdout, [json.loads(line) for line in open(out)]
