@@ -50,7 +50,7 @@ setup(
         "hf": ["torch==2.13.0", "transformers==5.24.0", "tokenizers>=0.23,<0.24",
                "safetensors>=0.8,<0.9", "llguidance>=1.9,<2"],
         # lm-eval-harness on an export (`lm_eval --model hf`, README)
-        "lm_eval": ["prealign-jax[hf]", "lm-eval>=0.4.13,<0.5"],
+        "lm_eval": ["prealign-jax[hf]", "lm-eval[hf]>=0.4.13,<0.5"],
         # The Hugging Face peer in bench/sample_throughput.py (torch 2.13.0 is a local CPU
         # wheel on our dev machines; elsewhere pip may pull a CUDA build).
         "bench": ["torch==2.13.0", "transformers==5.24.0"],

@@ -32,13 +32,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from prealign_jax import model as model_lib, modes, sampling, vocab as vocab_lib
+from prealign_jax import lm_eval_tasks, model as model_lib, modes, sampling
+from prealign_jax import vocab as vocab_lib
 from prealign_jax.errors import UserError
 
 MODES_FILE = "modes.json"
 MODES_FORMAT, MODES_VERSION = "prealign-modes", 1
 GRAMMAR_DIR = "grammars"  # <policy>.<state>.lark: the policy from that state on
 SP_MODEL_FILE = "sentencepiece.model"  # the run's vocabulary, copied verbatim
+LM_EVAL_DIR = "lm_eval"  # task YAMLs and data (lm_eval --include_path DIR/lm_eval)
 DEFAULT_POLICIES = tuple(p.name for p in modes.BUILT_IN)
 DTYPES = ("float32", "bfloat16")
 INSTALL_HINT = "pip install 'prealign-jax[hf]'"
@@ -300,25 +302,6 @@ def hf_tokenizer(vocab):
         extra_special_tokens=list(modes.TAGS), clean_up_tokenization_spaces=False)
 
 
-def check_tag_tokens(tokenizer, where: str) -> dict[str, int]:
-    """The id of each tag in an HF tokenizer, which must hold every tag as one special
-    token; a tag string that is an ordinary token (or several) is refused."""
-    ids = {}
-    special = set(getattr(tokenizer, "all_special_tokens", ()))
-    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
-    for tag in modes.TAGS:
-        encoded = tokenizer.encode(tag, add_special_tokens=False)
-        if len(encoded) != 1 or tag not in added or not added[tag].special:
-            how = ("an ordinary token" if len(encoded) == 1 and tag not in added
-                   else f"{len(encoded)} tokens" if len(encoded) != 1 else "not special")
-            raise HFError(f"{where}: the tokenizer has {tag} as {how}, not one special "
-                          f"token; add the seven tags as special tokens to a tokenizer "
-                          f"that does not use their strings "
-                          f"({'special' if tag in special else 'tokenizer.add_special_tokens'})")
-        ids[tag] = encoded[0]
-    return ids
-
-
 # ---------------------------------------------------------------- modes.json
 def modes_spec(policies: Sequence[str], token_class: np.ndarray) -> dict:
     """The content of `modes.json` for a model whose ids have classes `token_class`."""
@@ -529,10 +512,12 @@ def check_export_args(out_dir: str, dtype: str, policies: Sequence[str],
 
 def export_run(run, out_dir: str, *, dtype: str = "float32",
                policies: Sequence[str] = DEFAULT_POLICIES,
-               max_shard_size: str | int = "5GB") -> list[str]:
+               max_shard_size: str | int = "5GB",
+               lm_eval_documents: Sequence[Any] = ()) -> list[str]:
     """Write `run` (an `inference.Run`) as a Hugging Face directory at `out_dir`, which
-    must not exist or be empty. Everything is written to a sibling temporary directory,
-    renamed into place at the end. Returns the files written."""
+    must not exist or be empty, with lm-eval tasks over `lm_eval_documents` (held-out
+    `records.Document`s) in `lm_eval/`. Everything is written to a sibling temporary
+    directory, renamed into place at the end. Returns the files written."""
     require("torch", "transformers", "safetensors", "tokenizers")
     import transformers
 
@@ -542,6 +527,7 @@ def export_run(run, out_dir: str, *, dtype: str = "float32",
                                                 run.model_cfg.vocab_size)
     spec = modes_spec(policies, token_class)
     tokenizer = hf_tokenizer(run.vocab)
+    tokenizer.model_max_length = run.model_cfg.max_len
     parent = os.path.dirname(os.path.abspath(out_dir))
     tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.tmp.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -564,6 +550,10 @@ def export_run(run, out_dir: str, *, dtype: str = "float32",
                 state = tables.policy.states[s]
                 with open(os.path.join(tmp, GRAMMAR_DIR, f"{name}.{state}.lark"), "w") as f:
                     f.write(lark_grammar(tables, s))
+        if lm_eval_documents:
+            lm_eval_tasks.write_tasks(lm_eval_documents, os.path.join(tmp, LM_EVAL_DIR),
+                                      final_dir=os.path.join(os.path.abspath(out_dir),
+                                                             LM_EVAL_DIR))
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # (empty: checked above)
         os.rename(tmp, out_dir)

@@ -205,6 +205,7 @@ def experiment_command(args) -> None:
 
 def export_command(args) -> None:
     from prealign_jax import hf
+    from prealign_jax.evaluation import heldout as heldout_lib
 
     hf.require("torch", "transformers", "safetensors", "tokenizers")
     if not args.out:
@@ -212,10 +213,16 @@ def export_command(args) -> None:
     policies = tuple(args.policies.split(","))
     hf.check_export_args(args.out, args.dtype, policies, args.max_shard_size)
     run = load_run(args)
+    try:
+        heldout = heldout_lib.heldout_records(run.data_dir)
+    except UserError as e:
+        heldout = []
+        print(f"no lm-eval tasks: {_first_line(e)}")
     files = hf.export_run(run, args.out, dtype=args.dtype, policies=policies,
-                          max_shard_size=args.max_shard_size)
+                          max_shard_size=args.max_shard_size, lm_eval_documents=heldout)
     print(f"exported {args.workdir} (step {run.step}) to {args.out}: {len(files)} files, "
-          f"{args.dtype}, policies {', '.join(policies)}")
+          f"{args.dtype}, policies {', '.join(policies)}"
+          + (f"; lm-eval tasks in {os.path.join(args.out, hf.LM_EVAL_DIR)}" if heldout else ""))
 
 
 _SAMPLING_FLAGS = ((("--max_new_tokens",), dict(type=int, default=None)),

@@ -51,8 +51,10 @@ def make_run(workdir, cfg, vocab, seed=0):
     """A run directory as `prealign train` leaves it (run.json, a data dir with the
     vocabulary, an orbax checkpoint at step 3), its parameters saved sharded over fsdp."""
     data_dir = os.path.join(workdir, "data")
-    os.makedirs(data_dir)
-    shutil.copyfile(vocab.sentencepiece_model_file, os.path.join(data_dir, vocab_lib.VOCAB_FILE))
+    if not os.path.exists(os.path.join(data_dir, vocab_lib.VOCAB_FILE)):
+        os.makedirs(data_dir)
+        shutil.copyfile(vocab.sentencepiece_model_file,
+                        os.path.join(data_dir, vocab_lib.VOCAB_FILE))
     with open(os.path.join(workdir, train.RUN_FILE), "w") as f:
         json.dump({"model": dataclasses.asdict(cfg), "data_dir": data_dir}, f)
     params = random_params(cfg, vocab, seed)
@@ -359,3 +361,39 @@ def test_another_architecture_is_refused(tmp_path):
     transformers.GPT2LMHeadModel(config).save_pretrained(str(tmp_path))
     with pytest.raises(hf.HFError, match="a 'gpt2' checkpoint .*only Llama-layout"):
         hf.model_config_from_hf(str(tmp_path))
+
+
+# ---------------------------------------------------------------- lm-eval-harness
+@pytest.mark.slow
+def test_lm_eval_runs_the_local_tasks_on_an_export(tmp_path, capsys):
+    """`prealign export` writes lm-eval tasks over the held-out split; `lm_eval --model hf`
+    runs them on the export (no hub access)."""
+    import subprocess
+    import sys
+
+    from prealign_jax.data import prepare
+
+    workdir = str(tmp_path / "run")
+    prepare.prepare(workdir=workdir, num_scenarios=300, vocab_size=512, vocab_documents=300,
+                    validation_fraction=0.25, num_shards={"train": 1, "validation": 1})
+    vocab = vocab_lib.load(os.path.join(workdir, "data", vocab_lib.VOCAB_FILE))
+    make_run(workdir, dataclasses.replace(GQA_SCAN, max_len=1024), vocab)
+    out = tmp_path / "hf"
+    assert main.main(["export", f"--workdir={workdir}", f"--out={out}"]) == 0
+    assert "lm-eval tasks in" in capsys.readouterr().out
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+         f"pretrained={out},dtype=float32", "--tasks", "prealign", "--include_path",
+         str(out / hf.LM_EVAL_DIR), "--device", "cpu", "--limit", "6", "--batch_size", "4",
+         "--output_path", str(results)],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = [os.path.join(d, f) for d, _, files in os.walk(results) for f in files
+              if f.startswith("results")]
+    metrics = json.load(open(path))["results"]
+    print({task: {k: v for k, v in m.items() if "," in k} for task, m in metrics.items()})
+    assert 0 <= metrics["prealign_choice"]["acc,none"] <= 1
+    for mode in ("doc", "human", "ai"):
+        assert metrics[f"prealign_ppl_{mode}"]["bits_per_byte,none"] > 0
