@@ -397,3 +397,13 @@ def test_lm_eval_runs_the_local_tasks_on_an_export(tmp_path, capsys):
     assert 0 <= metrics["prealign_choice"]["acc,none"] <= 1
     for mode in ("doc", "human", "ai"):
         assert metrics[f"prealign_ppl_{mode}"]["bits_per_byte,none"] > 0
+
+
+def test_export_without_the_hf_extra_says_what_to_install(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    assert cli_error(["export", f"--workdir={tmp_path}", f"--out={tmp_path / 'o'}"],
+                     capsys) == "torch not installed: pip install 'prealign-jax[hf]'"
