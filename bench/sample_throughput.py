@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prealign_jax import model as model_lib, modes, partitioning, sampling
+from prealign_jax import hf, model as model_lib, modes, partitioning, sampling
 
 CONFIGS = {
     "tiny": dict(vocab_size=2048, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4,
@@ -116,23 +116,10 @@ def bench_hf(cfg, batch, new_tokens, repeats):
         intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_len,
         pad_token_id=0, eos_token_id=1, bos_token_id=0, tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    tables = sampling.mask_tables("grammar", token_classes(cfg.vocab_size))
-    allowed, next_state = torch.tensor(tables.allowed), torch.tensor(tables.next_state)
-    ai = modes.GRAMMAR.compile().states.index("ai")
-
-    class ModeMask(transformers.LogitsProcessor):
-        """Per-row policy state, advanced on each new token; forbidden logits -> -inf."""
-
-        def __init__(self, prompt_len):
-            self.prompt_len, self.state = prompt_len, None
-
-        def __call__(self, input_ids, scores):
-            if input_ids.shape[1] == self.prompt_len:
-                self.state = torch.full((input_ids.shape[0],), ai)
-            else:
-                self.state = next_state[self.state, input_ids[:, -1]]
-            return scores.masked_fill(~allowed[self.state], float("-inf"))
-
+    # The mask as users run it in transformers (prealign_jax.hf), every row starting in ai
+    tables = hf.ModeTables(hf.modes_spec(["grammar"], token_classes(cfg.vocab_size)),
+                           "grammar")
+    processor = hf.mode_logits_processor(tables, start_states=["ai"] * batch)
     prompt = torch.tensor([[0, 3 + modes.TAGS.index("<ai>")]] * batch)
     times = []
     for r in range(repeats + 1):
@@ -141,7 +128,7 @@ def bench_hf(cfg, batch, new_tokens, repeats):
             model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                            top_k=0, temperature=1.0, max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens,
-                           logits_processor=transformers.LogitsProcessorList([ModeMask(2)]))
+                           logits_processor=transformers.LogitsProcessorList([processor]))
         if r:  # the first call warms up
             times.append(time.perf_counter() - t0)
     return batch * new_tokens / statistics.median(times)

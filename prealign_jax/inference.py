@@ -40,17 +40,22 @@ class Run:
 
 def load_run(workdir: str, *, model_overrides: Mapping[str, Any] | None = None,
              mesh: partitioning.MeshConfig | None = None,
-             data_dir: str | None = None) -> Run:
-    """The latest parameters of `workdir`, restored for the run's model (run.json) with
-    `model_overrides` (fields that do not touch the weights, e.g. decode_chunk, attention;
-    a shape field is refused) on `mesh` (default: every device on the data axis), with the
-    vocabulary of `data_dir` (default: the run's)."""
+             data_dir: str | None = None, step: int | None = None) -> Run:
+    """The parameters of `workdir` at checkpoint `step` (default: the latest), restored
+    for the run's model (run.json) with `model_overrides` (fields that do not touch the
+    weights, e.g. decode_chunk, attention; a shape field is refused) on `mesh` (default:
+    every device on the data axis), with the vocabulary of `data_dir` (default: the
+    run's)."""
     directory = os.path.join(workdir, "checkpoints")
     steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
         if os.path.isdir(directory) else []
     if not steps:
         raise RunError(f"--workdir={workdir}: no checkpoint in {directory}; train first "
                        f"(prealign train --workdir={workdir})")
+    if step is not None and step not in steps:
+        raise RunError(f"--step={step}: {directory} has no checkpoint of that step; it has "
+                       f"{steps}")
+    step = steps[-1] if step is None else step
     info_path = os.path.join(workdir, train.RUN_FILE)
     try:
         with open(info_path) as f:
@@ -73,11 +78,11 @@ def load_run(workdir: str, *, model_overrides: Mapping[str, Any] | None = None,
     item = {"params": partitioning.sharded_shapes(model_lib.abstract_params(model),
                                                   device_mesh)}
     restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(directory, str(steps[-1]), "state"),
+        os.path.join(directory, str(step), "state"),
         args=ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                     restore_args=ocp.checkpoint_utils.construct_restore_args(
                                         item)))
-    return Run(model, restored["params"], vocab, device_mesh, steps[-1], workdir, data_dir,
+    return Run(model, restored["params"], vocab, device_mesh, step, workdir, data_dir,
                tagged=info.get("tag_dropout", 0.0) < 1.0)
 
 

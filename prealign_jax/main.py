@@ -131,7 +131,8 @@ def load_run(args):
 
     return inference.load_run(args.workdir, model_overrides=bindings("ModelConfig"),
                               mesh=partitioning.MeshConfig(**bindings("MeshConfig")),
-                              data_dir=bindings("seqio_data").get("data_dir"))
+                              data_dir=bindings("seqio_data").get("data_dir"),
+                              step=getattr(args, "step", None))
 
 
 def sample_command(args) -> None:
@@ -222,6 +223,28 @@ def serve_command(args) -> None:
                  drain_timeout=args.drain_timeout)
 
 
+def export_command(args) -> None:
+    from prealign_jax import hf
+    from prealign_jax.evaluation import heldout as heldout_lib
+
+    hf.require("torch", "transformers", "safetensors", "tokenizers")
+    if not args.out:
+        raise UsageError("prealign export needs --out=DIR (a new directory)")
+    policies = tuple(args.policies.split(","))
+    hf.check_export_args(args.out, args.dtype, policies, args.max_shard_size)
+    run = load_run(args)
+    try:
+        heldout = heldout_lib.heldout_records(run.data_dir)
+    except UserError as e:
+        heldout = []
+        print(f"no lm-eval tasks: {_first_line(e)}")
+    files = hf.export_run(run, args.out, dtype=args.dtype, policies=policies,
+                          max_shard_size=args.max_shard_size, lm_eval_documents=heldout)
+    print(f"exported {args.workdir} (step {run.step}) to {args.out}: {len(files)} files, "
+          f"{args.dtype}, policies {', '.join(policies)}"
+          + (f"; lm-eval tasks in {os.path.join(args.out, hf.LM_EVAL_DIR)}" if heldout else ""))
+
+
 _SAMPLING_FLAGS = ((("--max_new_tokens",), dict(type=int, default=None)),
                    (("--temperature",), dict(type=float, default=None)),
                    (("--top_k",), dict(type=int, default=None)),
@@ -310,8 +333,22 @@ COMMANDS = {
         "prealigned model vs. a baseline on the same documents without tags, at the same "
         "text-token budget: prepare, train both, evaluate both, report.md with plots",
         workdir="everything goes here (required)"),
+    "export": Command(
+        export_command,
+        "write a trained run as a Hugging Face Llama directory: safetensors, tokenizer, "
+        "modes.json (the policies' tables) and grammars for vLLM (needs prealign-jax[hf])",
+        ((("--out",), dict(default=None, help="the new directory (must not exist or be "
+                                              "empty)")),
+         (("--step",), dict(type=int, default=None, help="checkpoint step (default: latest)")),
+         (("--dtype",), dict(default="float32", choices=("float32", "bfloat16"),
+                             help="dtype of the exported weights")),
+         (("--policies",), dict(default="grammar,assistant,human_only",
+                                help="comma-separated policies to export in modes.json")),
+         (("--max_shard_size",), dict(default="5GB", help="safetensors shard size; above "
+                                      "it, shards plus an index"))),
+        workdir="a trained run (required)"),
 }
-NEEDS_WORKDIR = ("train", "sample", "eval", "serve", "experiment")
+NEEDS_WORKDIR = ("train", "sample", "eval", "serve", "experiment", "export")
 
 
 # ---------------------------------------------------------------- gin

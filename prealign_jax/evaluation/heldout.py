@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from prealign_jax import inference, modes, tags, vocab as vocab_lib
-from prealign_jax.data import scorer as scorer_lib, shards
+from prealign_jax.data import records, scorer as scorer_lib, shards
 from prealign_jax.evaluation.judging import mode_texts
 from prealign_jax.evaluation.teacher_forcing import teacher_forced
 
@@ -29,16 +29,22 @@ TEXT_GROUPS = modes.GROUPS[:len(modes.MODES)]  # text read in each mode
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
-def heldout_documents(data_dir: str, limit: int, seed: int = 0) -> list[str]:
-    """Up to `limit` validation documents (tagged text) of every source, in a seeded
-    shuffle so that any prefix mixes the sources."""
+def heldout_records(data_dir: str) -> list[records.Document]:
+    """Every validation document of `data_dir`, with its metadata, in shard order."""
     manifest = shards.read_manifest(data_dir)
     paths = [os.path.join(data_dir, s["file"]) for s in manifest["shards"]
              if s["split"] == "validation"]
-    texts = [doc.text for doc in shards.iter_documents(paths)]
-    if not texts:
+    docs = list(shards.iter_documents(paths))
+    if not docs:
         raise shards.ShardError(f"{data_dir} has no validation documents; raise "
                                 "prepare.validation_fraction and rerun `prealign prepare`")
+    return docs
+
+
+def heldout_documents(data_dir: str, limit: int, seed: int = 0) -> list[str]:
+    """Up to `limit` validation documents (tagged text) of every source, in a seeded
+    shuffle so that any prefix mixes the sources."""
+    texts = [doc.text for doc in heldout_records(data_dir)]
     random.Random(seed).shuffle(texts)
     return texts[:limit]
 
