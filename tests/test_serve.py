@@ -4,9 +4,11 @@ completions, streaming, the injection fuzz, 32 concurrent clients under the poli
 bad input, the API key, /metrics, and SIGTERM draining the requests in flight."""
 
 import concurrent.futures
+import http.client
 import json
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -265,9 +267,32 @@ def test_metrics(server):
     assert values['prealign_request_latency_seconds_count{path="/v1/completions"}'] >= 1
 
 
-def test_sigterm_drains_requests_in_flight(run_dir):
+def metric(server, name) -> float:
+    return next(float(line.split()[-1]) for line in server.get("/metrics").splitlines()
+                if line.startswith(name + " "))
+
+
+def test_a_client_that_goes_away_frees_its_row_and_sigterm_drains(run_dir):
     s = Server(run_dir, "--steps_per_call=1", "--allow_unmasked", "--max_batch=4")
     client = s.client(key="unused")
+
+    # A greedy stream of 120 tokens (this model does not end it sooner) whose client
+    # leaves after the first chunk stops drawing: one step per call, so the 120 tokens take
+    # 120 calls and the disconnect is seen within a few. Then 30 more tokens.
+    body = {"prompt": "Story:", "temperature": 0, "policy": "assistant", "mask": False}
+    before = metric(s, "prealign_completion_tokens_total")
+    connection = http.client.HTTPConnection(s.base.removeprefix("http://"))
+    connection.request("POST", "/v1/completions", json.dumps(
+        {**body, "max_tokens": 120, "stream": True}), {"Content-Type": "application/json"})
+    assert connection.getresponse().read1(64).startswith(b"data: ")
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    after = client.completions.create(model=None, prompt=body.pop("prompt"), max_tokens=30,
+                                      extra_body=body)
+    assert after.usage.completion_tokens == 30
+    assert metric(s, "prealign_batch_rows_active") == 0
+    assert metric(s, "prealign_completion_tokens_total") - before < 120 + 30
+
     started = threading.Barrier(5)
 
     def stream(i):
