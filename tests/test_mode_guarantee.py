@@ -238,3 +238,30 @@ def test_random_models_through_the_sampler(spm_vocab, token_class, scale, temper
             if s.ended:
                 tags.validate(p.text + s.text, policy)
     assert checked > 0
+
+
+def test_per_row_settings_keep_the_guarantee(token_class):
+    """The serving engine's path: every row its own temperature, top-k and top-p (traced
+    `RowSettings`), over every adversary: forbidden ids are exactly -inf, every row keeps an
+    allowed id, and the per-row draw lands on an allowed id."""
+    rng = np.random.default_rng(1)
+    vocab_size = len(token_class)
+    special = jnp.array([i for i, c in enumerate(token_class) if c != modes.TEXT])
+    settings = list(itertools.product(TEMPERATURES, FILTERS))
+    batch = len(settings) * 4
+    t, k, p = (np.array([s[0] for s in settings] * 4, np.float32),
+               np.array([s[1][0] for s in settings] * 4, np.int32),
+               np.array([s[1][1] for s in settings] * 4, np.float32))
+    run = jax.jit(lambda logits, allowed, t, k, p, keys: (
+        lambda x: (x, sampling.draw(x, t, keys)))(sampling.sampling_logits(
+            logits, allowed, sampling.RowSettings(t, k, p))))
+    for i in range(3 * ADVERSARIES):
+        kind = (np.arange(batch) + i) % ADVERSARIES
+        logits = adversarial_logits(jnp.asarray(kind), jax.random.key(i), vocab_size, special)
+        allowed = rng.random((batch, vocab_size)) < rng.uniform(0.01, 0.5, (batch, 1))
+        allowed[np.arange(batch), rng.integers(0, vocab_size, batch)] = True
+        keys = jax.vmap(jax.random.key)(jnp.arange(batch) + i * batch)
+        x, tokens = map(np.asarray, run(logits, jnp.asarray(allowed), t, k, p, keys))
+        assert np.isneginf(x[~allowed]).all()
+        assert (np.isfinite(x) & allowed).any(axis=1).all()
+        assert allowed[np.arange(batch), tokens].all()
