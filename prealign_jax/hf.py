@@ -2,8 +2,9 @@
 
 - `export_run`: a directory `transformers.AutoModelForCausalLM` / `AutoTokenizer` load with
   no custom code — a `LlamaForCausalLM` config, safetensors weights (sharded with an index
-  above `max_shard_size`), a tokenizer converted from the run's SentencePiece model (every
-  id kept; the tags, pad, eos and unk are special added tokens), a generation config and
+  above `max_shard_size`), the run's tokenizer (SentencePiece converted, every id kept, or
+  the imported one; both encode text exactly as the data pipeline does: the tags are
+  matched in text, pad/eos/unk are special tokens text cannot produce), a generation config and
   `modes.json`: the grammar, and each exported policy as the compact tables `token_class[V]`
   + `delta[S, C]` that `modes.PolicyTables.for_vocab` expands, so the mask outside JAX is
   computed by the same code as inside. `grammars/` holds each policy as an llguidance lark
@@ -267,39 +268,62 @@ def parse_size(text: str) -> int:
 
 
 # ---------------------------------------------------------------- tokenizer
+CONTROL_SUFFIX = "\u2581control"  # makes a control piece's model entry unreachable from text
+
+
 def hf_tokenizer(vocab):
-    """The run's SentencePiece vocabulary (`vocab.load`) as a transformers fast tokenizer with the same ids.
+    """The run's SentencePiece vocabulary (`vocab.load`) as a transformers fast tokenizer
+    with the same ids, encoding every text to SentencePiece's ids.
 
     Unigram pieces and scores, byte fallback, whitespace as `▁` split before each `▁` (no
-    dummy prefix, identity normalization: the conventions `vocab.py` trains with). The
-    tags, pad, eos and unk are special added tokens: matched in any text, as SentencePiece
-    matches the tags, so untrusted text goes through `tags.escape` first, exactly as with
-    SentencePiece. BOS is `<pad>` (id 0, the document start the model was trained on)."""
+    dummy prefix, identity normalization: the conventions `vocab.py` trains with). As in
+    SentencePiece, the tags are matched in any text (added tokens, not special: decoded as
+    text, like SentencePiece's user-defined symbols) — untrusted text goes through
+    `tags.escape` first — while pad, eos and unk (control pieces) are unreachable from text:
+    special added tokens that `split_special_tokens` leaves unmatched, whose Unigram
+    entries are renamed with `CONTROL_SUFFIX` (a `▁` inside a piece never survives the
+    Metaspace split), so a literal `</s>` is ordinary text. BOS is `<pad>` (id 0, the
+    document start the model was trained on)."""
     require("tokenizers", "transformers")
-    import transformers
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     sp = vocab.tokenizer
     proto = vocab_lib._model_proto(sp)
     if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
-        raise HFError(f"vocabulary {vocab.sentencepiece_model_file} is not a unigram SentencePiece model; "
-                      "export supports unigram vocabularies (prealign prepare's default)")
-    special = [p.piece for p in proto.pieces
-               if p.type in (p.CONTROL, p.UNKNOWN, p.USER_DEFINED)]
-    tok = Tokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces],
-                                   unk_id=vocab_lib.UNK_ID, byte_fallback=True))
+        raise HFError(f"vocabulary {vocab.sentencepiece_model_file} is not a unigram "
+                      "SentencePiece model; export supports unigram vocabularies (prealign "
+                      "prepare's default)")
+    control = [p.piece for p in proto.pieces if p.type in (p.CONTROL, p.UNKNOWN)]
+    tok = Tokenizer(models.Unigram(
+        [(p.piece + CONTROL_SUFFIX if p.piece in control else p.piece, p.score)
+         for p in proto.pieces], unk_id=vocab_lib.UNK_ID, byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never",
                                                  split=True)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                      decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
-    pad = sp.id_to_piece(vocab_lib.PAD_ID)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in control])
+    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False)
+                    for p in proto.pieces if p.type == p.USER_DEFINED])
+    return transformers_tokenizer(tok)
+
+
+def transformers_tokenizer(tok):
+    """A `tokenizers.Tokenizer` in the run's id layout (`vocab.py`: id 0 starts every
+    document and pads, 1 is EOS, 2 is UNK) as a transformers fast tokenizer: BOS (what
+    `tokenizer(text)` puts first) and pad id 0, `split_special_tokens` so that the special
+    tokens are never matched in text."""
+    import transformers
+    from tokenizers import processors
+
+    start = tok.id_to_token(vocab_lib.PAD_ID)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{pad} $A", pair=f"{pad} $A {pad} $B", special_tokens=[(pad, vocab_lib.PAD_ID)])
+        single=f"{start} $A", pair=f"{start} $A {start} $B",
+        special_tokens=[(start, vocab_lib.PAD_ID)])
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=pad, pad_token=pad,
-        eos_token=sp.id_to_piece(vocab_lib.EOS_ID), unk_token=sp.id_to_piece(vocab_lib.UNK_ID),
-        extra_special_tokens=list(modes.TAGS), clean_up_tokenization_spaces=False)
+        tokenizer_object=tok, bos_token=start, pad_token=start,
+        eos_token=tok.id_to_token(vocab_lib.EOS_ID),
+        unk_token=tok.id_to_token(vocab_lib.UNK_ID), split_special_tokens=True,
+        clean_up_tokenization_spaces=False)
 
 
 # ---------------------------------------------------------------- modes.json
