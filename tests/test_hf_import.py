@@ -66,8 +66,8 @@ def save_llama(path, tokenizer, vocab_size, tie, seed, **kwargs):
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """{name: (hf model, hf dir, workdir)}: "spare" has spare embedding rows the tags
-    take (untied, sharded safetensors, scanned layers); "grown" has none: the vocabulary
-    grows to a multiple of 128 (tied embeddings, separate layers)."""
+    take (untied, sharded safetensors, scanned layers; `prealign import`); "grown" has
+    none: the vocabulary grows to a multiple of 128 (tied embeddings, separate layers)."""
     tokenizer = llama2_tokenizer()
     out = {}
     for seed, (name, rows, tie, scan) in enumerate(
@@ -75,7 +75,11 @@ def imported(tmp_path_factory):
              ("grown", len(tokenizer), True, False)]):
         root = tmp_path_factory.mktemp(name)
         model = save_llama(root / "hf", tokenizer, rows, tie, seed, max_shard_size="40KB")
-        hf_import.import_checkpoint(str(root / "hf"), str(root / "run"), scan_layers=scan)
+        if scan:  # (the CLI, which also writes model.gin)
+            assert main.main(["import", f"--hf_dir={root / 'hf'}",
+                              f"--workdir={root / 'run'}"]) == 0
+        else:
+            hf_import.import_checkpoint(str(root / "hf"), str(root / "run"), scan_layers=False)
         out[name] = (model, str(root / "hf"), str(root / "run"))
     return out
 
