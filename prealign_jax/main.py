@@ -250,7 +250,7 @@ MODEL_GIN = "model.gin"  # the imported model's ModelConfig, in the run's workdi
 
 
 def import_command(args) -> None:
-    from prealign_jax import hf, hf_import
+    from prealign_jax import hf, hf_import, vocab
 
     hf.require("torch", "transformers", "safetensors", "tokenizers")
     if not args.hf_dir:
@@ -264,7 +264,7 @@ def import_command(args) -> None:
     print(f"imported {args.hf_dir} into {args.workdir} (step 0: parameters alone; "
           f"{cfg.vocab_size} vocabulary rows, the tokenizer in {data_dir}). Next:\n"
           f"  prealign prepare --workdir={args.workdir} --tokenizer="
-          f"{os.path.join(data_dir, 'tokenizer.json')} --from_text=...\n"
+          f"{os.path.join(data_dir, vocab.TOKENIZER_FILE)} --from_text=...\n"
           f"  prealign train --workdir={args.workdir} --gin_file=runs/pretrain.gin "
           f"--gin_file={gin_file} --gin_file=meshes/...")
 
