@@ -1,6 +1,7 @@
 """Checkpoints of a training run: train state + data-iterator position, saved by orbax.
 
-One step directory holds two items:
+One step directory holds two items (step 0 may hold parameters alone: the starting point
+`prealign import` writes, `save_params`):
 - `state`: the train state (a pytree of global jax.Arrays), written asynchronously. It is
   restored onto an *abstract target* carrying the current shardings, so a run saved on one
   mesh (say fsdp=4 x tensor=2) resumes on another (one device, data=8).
@@ -125,6 +126,22 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state),
             data=DataIteratorRestore(iterator)))
         return restored.state
+
+    def save_params(self, step: int, params) -> None:
+        """Save parameters alone at `step` and wait: a run's starting point (`prealign
+        import`), with no optimizer state and no data position (see `restore_params`)."""
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params})), force=True)
+        self._manager.wait_until_finished()
+
+    def restore_params(self, step: int, abstract_params):
+        """The parameters saved at `step`, laid out as `abstract_params` says; raises
+        `CheckpointError` if they have other shapes."""
+        target = {"params": abstract_params}
+        _check_state(self.directory / str(step),
+                     _shapes(self._manager.item_metadata(step)["state"]), _shapes(target))
+        return self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target))).state["params"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -44,7 +44,7 @@ REGISTERED: dict[str, tuple[Callable, str | None, tuple[str, ...]]] = {
     "policies": (policies, None, ()),
     "Mix": (generator.Mix, "generator", ()),
     "prepare": (prepare.prepare, None, ("workdir", "from_text", "mode", "tagged",
-                                        "bad_records")),
+                                        "bad_records", "tokenizer_file")),
     "register": (tasks.register, "tasks", ("data_dir", "mixture")),
     "seqio_data": (feed.SeqioData, None, ()),
     "train": (train.train, None, ("workdir", "run_files")),

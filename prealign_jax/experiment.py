@@ -92,8 +92,7 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
     data = {arm: dataclasses.replace(train_args["data"], data_dir=data_dir,
                                      mixture_or_task=register(data_dir, **kwargs))
             for arm, kwargs in ARMS.items()}
-    token_class = vocab_lib.token_classes(vocab_lib.load(
-        os.path.join(data_dir, vocab_lib.VOCAB_FILE)))
+    token_class = vocab_lib.token_classes(vocab_lib.load_dir(data_dir))
     per_batch = {arm: stage(f"budget/{arm}", text_tokens_per_batch, data[arm].mixture_or_task,
                             batch_size, seq_len, train_args.get("seed", 0), token_class,
                             budget_batches)

@@ -2,8 +2,9 @@
 
 - `export_run`: a directory `transformers.AutoModelForCausalLM` / `AutoTokenizer` load with
   no custom code — a `LlamaForCausalLM` config, safetensors weights (sharded with an index
-  above `max_shard_size`), a tokenizer converted from the run's SentencePiece model (every
-  id kept; the tags, pad, eos and unk are special added tokens), a generation config and
+  above `max_shard_size`), the run's tokenizer (SentencePiece converted, every id kept, or
+  the imported one; both encode text exactly as the data pipeline does: the tags are
+  matched in text, pad/eos/unk are special tokens text cannot produce), a generation config and
   `modes.json`: the grammar, and each exported policy as the compact tables `token_class[V]`
   + `delta[S, C]` that `modes.PolicyTables.for_vocab` expands, so the mask outside JAX is
   computed by the same code as inside. `grammars/` holds each policy as an llguidance lark
@@ -39,7 +40,7 @@ from prealign_jax.errors import UserError
 MODES_FILE = "modes.json"
 MODES_FORMAT, MODES_VERSION = "prealign-modes", 1
 GRAMMAR_DIR = "grammars"  # <policy>.<state>.lark: the policy from that state on
-SP_MODEL_FILE = "sentencepiece.model"  # the run's vocabulary, copied verbatim
+SP_MODEL_FILE = "sentencepiece.model"  # a SentencePiece run's vocabulary, copied
 LM_EVAL_DIR = "lm_eval"  # task YAMLs and data (lm_eval --include_path DIR/lm_eval)
 DEFAULT_POLICIES = tuple(p.name for p in modes.BUILT_IN)
 DTYPES = ("float32", "bfloat16")
@@ -268,38 +269,75 @@ def parse_size(text: str) -> int:
 
 # ---------------------------------------------------------------- tokenizer
 def hf_tokenizer(vocab):
-    """The run's SentencePiece vocabulary (`vocab.load`) as a transformers fast tokenizer with the same ids.
+    """The run's vocabulary (`vocab.load_dir`) as a transformers fast tokenizer with the
+    same ids that encodes every text as the data pipeline does: an imported tokenizer as
+    it is, a SentencePiece model converted (`sentencepiece_tokenizer`)."""
+    require("tokenizers", "transformers")
+    from tokenizers import Tokenizer
+
+    if isinstance(vocab, vocab_lib.TokenizerVocabulary):
+        return transformers_tokenizer(Tokenizer.from_str(vocab.tokenizer.to_str()))
+    return transformers_tokenizer(sentencepiece_tokenizer(vocab))
+
+
+def sentencepiece_tokenizer(vocab):
+    """A SentencePiece vocabulary (`vocab.load`) as a `tokenizers.Tokenizer` with the same
+    ids and the same segmentation of every text.
 
     Unigram pieces and scores, byte fallback, whitespace as `▁` split before each `▁` (no
-    dummy prefix, identity normalization: the conventions `vocab.py` trains with). The
-    tags, pad, eos and unk are special added tokens: matched in any text, as SentencePiece
-    matches the tags, so untrusted text goes through `tags.escape` first, exactly as with
-    SentencePiece. BOS is `<pad>` (id 0, the document start the model was trained on)."""
-    require("tokenizers", "transformers")
-    import transformers
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    dummy prefix, identity normalization: the conventions `vocab.py` trains with). As in
+    SentencePiece, the tags are matched in any text (added tokens, not special: decoded as
+    text, like SentencePiece's user-defined symbols), so untrusted text goes through
+    `tags.escape` first, while pad, eos and unk (control pieces) are unreachable from text:
+    they are named `<pad>▁`, `</s>▁`, `<unk>▁` (a `▁` after a piece's first character never
+    survives the Metaspace split, so a literal `</s>` is ordinary text; a low score would
+    not do: the Unigram model's unknown-character penalty follows the lowest score) and
+    decoded as `<pad>`, `</s>`, `<unk>`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    sp = vocab.tokenizer
-    proto = vocab_lib._model_proto(sp)
+    proto = vocab_lib._model_proto(vocab.tokenizer)
     if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
-        raise HFError(f"vocabulary {vocab.sentencepiece_model_file} is not a unigram SentencePiece model; "
-                      "export supports unigram vocabularies (prealign prepare's default)")
-    special = [p.piece for p in proto.pieces
-               if p.type in (p.CONTROL, p.UNKNOWN, p.USER_DEFINED)]
-    tok = Tokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces],
-                                   unk_id=vocab_lib.UNK_ID, byte_fallback=True))
+        raise HFError(f"vocabulary {vocab.sentencepiece_model_file} is not a unigram "
+                      "SentencePiece model; export supports unigram vocabularies (prealign "
+                      "prepare's default)")
+    control = {p.piece for p in proto.pieces if p.type in (p.CONTROL, p.UNKNOWN)}
+    tok = Tokenizer(models.Unigram(
+        [(p.piece + "▁" if p.piece in control else p.piece, p.score) for p in proto.pieces],
+        unk_id=vocab_lib.UNK_ID, byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never",
                                                  split=True)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
-    pad = sp.id_to_piece(vocab_lib.PAD_ID)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(c + "▁", c) for c in sorted(control)]
+        + [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False)
+                    for p in proto.pieces if p.type == p.USER_DEFINED])
+    return tok
+
+
+def mark_run_specials(tok) -> list[str]:
+    """Make ids 0, 1, 2 of a `tokenizers.Tokenizer` in the run's layout (`vocab.py`: id 0
+    starts every document and pads, 1 is EOS, 2 is UNK) special tokens, and id 0 the
+    first of `tok.encode(text)`; returns their names."""
+    from tokenizers import AddedToken, processors
+
+    names = [tok.id_to_token(i) for i in (vocab_lib.PAD_ID, vocab_lib.EOS_ID, vocab_lib.UNK_ID)]
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{pad} $A", pair=f"{pad} $A {pad} $B", special_tokens=[(pad, vocab_lib.PAD_ID)])
+        single=f"{names[0]} $A", pair=f"{names[0]} $A {names[0]} $B",
+        special_tokens=[(names[0], vocab_lib.PAD_ID)])
+    return names
+
+
+def transformers_tokenizer(tok):
+    """A `tokenizers.Tokenizer` in the run's layout as a transformers fast tokenizer: BOS
+    and pad id 0, EOS 1, UNK 2, the special tokens never matched in text
+    (`split_special_tokens`)."""
+    import transformers
+
+    start, eos, unk = mark_run_specials(tok)
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=pad, pad_token=pad,
-        eos_token=sp.id_to_piece(vocab_lib.EOS_ID), unk_token=sp.id_to_piece(vocab_lib.UNK_ID),
-        extra_special_tokens=list(modes.TAGS), clean_up_tokenization_spaces=False)
+        tokenizer_object=tok, bos_token=start, pad_token=start, eos_token=eos,
+        unk_token=unk, split_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 # ---------------------------------------------------------------- modes.json
@@ -522,7 +560,6 @@ def export_run(run, out_dir: str, *, dtype: str = "float32",
     import transformers
 
     check_export_args(out_dir, dtype, policies, max_shard_size)
-    sp_path = run.vocab.sentencepiece_model_file
     token_class = vocab_lib.model_token_classes(vocab_lib.token_classes(run.vocab),
                                                 run.model_cfg.vocab_size)
     spec = modes_spec(policies, token_class)
@@ -540,7 +577,9 @@ def export_run(run, out_dir: str, *, dtype: str = "float32",
         write_safetensors(hf_state_dict(run.params, run.model_cfg), tmp, dtype,
                           parse_size(max_shard_size))
         tokenizer.save_pretrained(tmp)
-        shutil.copyfile(sp_path, os.path.join(tmp, SP_MODEL_FILE))
+        if not isinstance(run.vocab, vocab_lib.TokenizerVocabulary):
+            shutil.copyfile(run.vocab.sentencepiece_model_file,
+                            os.path.join(tmp, SP_MODEL_FILE))
         with open(os.path.join(tmp, MODES_FILE), "w") as f:
             json.dump(spec, f)
         os.makedirs(os.path.join(tmp, GRAMMAR_DIR))

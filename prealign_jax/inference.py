@@ -73,7 +73,7 @@ def load_run(workdir: str, *, model_overrides: Mapping[str, Any] | None = None,
         raise RunError(f"--workdir={workdir}: {', '.join(changed)}: the checkpoint's "
                        "parameters have the run's shapes; drop the override")
     data_dir = data_dir or info.get("data_dir") or os.path.join(workdir, "data")
-    vocab = vocab_lib.load(os.path.join(data_dir, vocab_lib.VOCAB_FILE))
+    vocab = vocab_lib.load_dir(data_dir)
     device_mesh = (mesh or partitioning.MeshConfig()).make()
     item = {"params": partitioning.sharded_shapes(model_lib.abstract_params(model),
                                                   device_mesh)}

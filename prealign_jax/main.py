@@ -58,7 +58,8 @@ def prepare_command(args) -> None:
 
     prepare.prepare(**{**bindings("prepare"), "workdir": args.workdir,
                        "from_text": tuple(args.from_text or ()), "mode": args.text_mode,
-                       "tagged": args.tagged, "bad_records": args.bad_records})
+                       "tagged": args.tagged, "bad_records": args.bad_records,
+                       "tokenizer_file": args.tokenizer})
 
 
 def register_data(data, workdir: str) -> None:
@@ -245,6 +246,41 @@ def export_command(args) -> None:
           + (f"; lm-eval tasks in {os.path.join(args.out, hf.LM_EVAL_DIR)}" if heldout else ""))
 
 
+MODEL_GIN = "model.gin"  # the imported model's ModelConfig, in the run's workdir
+
+
+def import_command(args) -> None:
+    from prealign_jax import hf, hf_import, vocab
+
+    hf.require("torch", "transformers", "safetensors", "tokenizers")
+    if not args.hf_dir:
+        raise UsageError("prealign import needs --hf_dir=DIR (a Hugging Face Llama directory)")
+    cfg = hf_import.import_checkpoint(args.hf_dir, args.workdir, args.data_dir,
+                                      scan_layers=not args.no_scan_layers)
+    with open(os.path.join(args.workdir, MODEL_GIN), "w") as f:
+        f.write(model_gin(cfg, args.hf_dir))
+    data_dir = args.data_dir or os.path.join(args.workdir, "data")
+    gin_file = os.path.join(args.workdir, MODEL_GIN)
+    print(f"imported {args.hf_dir} into {args.workdir} (step 0: parameters alone; "
+          f"{cfg.vocab_size} vocabulary rows, the tokenizer in {data_dir}). Next:\n"
+          f"  prealign prepare --workdir={args.workdir} --tokenizer="
+          f"{os.path.join(data_dir, vocab.TOKENIZER_FILE)} --from_text=...\n"
+          f"  prealign train --workdir={args.workdir} --gin_file=runs/pretrain.gin "
+          f"--gin_file={gin_file} --gin_file=meshes/...")
+
+
+def model_gin(cfg, source: str) -> str:
+    """A gin file binding every ModelConfig field to `cfg`'s value (the shape fields must
+    stay: the checkpoint has these shapes; dtypes, remat, attention may change)."""
+    import dataclasses
+
+    lines = [f"# The model imported from {source} (prealign import). Keep the shape fields "
+             "(vocab_size ... scan_layers);", "# dtype, remat, attention and decode_chunk "
+             "may change (e.g. dtype = 'bfloat16' on accelerators)."]
+    lines += [f"ModelConfig.{k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()]
+    return "\n".join(lines) + "\n"
+
+
 _SAMPLING_FLAGS = ((("--max_new_tokens",), dict(type=int, default=None)),
                    (("--temperature",), dict(type=float, default=None)),
                    (("--top_k",), dict(type=int, default=None)),
@@ -263,7 +299,10 @@ COMMANDS = {
          (("--tagged",), dict(action="store_true", help="--from_text is JSONL of tagged "
                               "documents: validate them against the grammar")),
          (("--bad_records",), dict(default="error", choices=("error", "skip"),
-                                   help="stop at a bad input record, or skip and log it"))),
+                                   help="stop at a bad input record, or skip and log it")),
+         (("--tokenizer",), dict(default=None, metavar="FILE", help="tokenize with this "
+                                 "tokenizer.json (prealign import writes it) instead of "
+                                 "training SentencePiece"))),
         workdir="the data goes to <workdir>/data (or bind prepare.data_dir)"),
     "train": Command(train_command,
                      "train (or resume) a model: checkpoints, metrics and config in --workdir",
@@ -347,8 +386,20 @@ COMMANDS = {
          (("--max_shard_size",), dict(default="5GB", help="safetensors shard size; above "
                                       "it, shards plus an index"))),
         workdir="a trained run (required)"),
+    "import": Command(
+        import_command,
+        "start a run from an open Llama checkpoint (Hugging Face directory) for continued "
+        "pretraining: the tags added to its tokenizer, an orbax checkpoint at step 0 "
+        "(needs prealign-jax[hf])",
+        ((("--hf_dir",), dict(default=None, help="the Hugging Face model directory "
+                                                 "(LlamaForCausalLM, safetensors, tokenizer)")),
+         (("--data_dir",), dict(default=None, help="where the run's tokenizer goes "
+                                "(default <workdir>/data; prepare the corpus there)")),
+         (("--no_scan_layers",), dict(action="store_true", help="layers as separate "
+                                      "parameters (default: scanned, as gin/models/*.gin)"))),
+        workdir="the new run directory (required)"),
 }
-NEEDS_WORKDIR = ("train", "sample", "eval", "serve", "experiment", "export")
+NEEDS_WORKDIR = ("train", "sample", "eval", "serve", "experiment", "export", "import")
 
 
 # ---------------------------------------------------------------- gin

@@ -132,7 +132,8 @@ def loss_and_metrics(params, batch, *, model: nn.Module, token_class, z_loss: fl
 class Steps:
     """The jitted init / train / eval functions of one model on one mesh.
 
-    `init(rng) -> TrainState` (created in its shardings), `train(state, batch) -> (state,
+    `init(rng) -> TrainState` (created in its shardings), `from_params(params)` (a fresh
+    optimizer state at step 0 for given parameters), `train(state, batch) -> (state,
     metrics)` (state donated), `evaluate(params, batch) -> metrics`. Batches are dicts of
     global [B, T] arrays with `FEATURES`, sharded by `partitioning.batch_sharding`. The
     global batch is split into `accum_steps` micro-batches (row i goes to micro-batch
@@ -156,6 +157,11 @@ class Steps:
         metrics_sh = partitioning.replicated(mesh)
         self.init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
                             out_shardings=self.state_shardings)
+        self.from_params = jax.jit(
+            lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                      opt_state=self._tx.init(params)),
+            in_shardings=(self.state_shardings.params,), out_shardings=self.state_shardings,
+            donate_argnums=0)
         self.train = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh),
                              out_shardings=(self.state_shardings, metrics_sh),
                              donate_argnums=0)
@@ -268,6 +274,8 @@ def train(workdir: str, *,
           hooks: Sequence[hooks_lib.Hook] = (),
           run_files: Mapping[str, str] | None = None) -> dict[str, float]:
     """Train (or resume from the latest checkpoint in `workdir/checkpoints`) to `num_steps`.
+    A checkpoint of step 0 holds parameters alone (`prealign import`): training starts
+    from them with a fresh optimizer at step 0 and the data from its start.
 
     Returns the metrics of the last log window. See gin/runs/*.gin for every parameter.
     `data(workdir, batch_size, seq_len, seed)` gives the batches (`feed.SeqioData`: a
@@ -363,11 +371,17 @@ def _loop(workdir: str, steps: Steps, sources: feed.DataSources, *, num_steps: i
     with contextlib.ExitStack() as closing, partitioning.activate(steps.mesh):
         ckpt = checkpointing.Checkpoints(workdir, checkpoint_every, keep_checkpoints)
         closing.callback(ckpt.close)  # waits for pending saves
-        start = ckpt.latest_step() or 0
+        latest = ckpt.latest_step()
+        start = latest or 0
         if start:
             _check_same_model(workdir, steps.model.cfg, ckpt.directory / str(start))
             state = ckpt.restore(start, steps.abstract_state, iterator)
             console.say(f"resumed from {ckpt.directory}/{start}")
+        elif latest == 0:  # parameters alone (prealign import): T5X's initialize_from
+            _check_same_model(workdir, steps.model.cfg, ckpt.directory / "0")
+            state = steps.from_params(ckpt.restore_params(0, steps.abstract_state.params))
+            console.say(f"starting from the parameters in {ckpt.directory}/0 (a fresh "
+                        "optimizer, the data from its start)")
         else:
             state = steps.init(jax.random.key(seed))
         if jax.process_index() == 0:  # only now: a refused resume keeps the run's own

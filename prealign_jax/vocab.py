@@ -1,9 +1,16 @@
-"""SentencePiece vocabulary in which every mode tag is exactly one token.
+"""The vocabulary, in which every mode tag is exactly one token: a SentencePiece model
+trained by `prealign prepare`, or an open model's tokenizer brought in by `prealign import`.
 
-Conventions (tested in tests/test_vocab.py):
+A prepared data dir holds exactly one of them, and its file name says which: `vocab.model`
+(SentencePiece, `load`) or `tokenizer.json` (a Hugging Face `tokenizers` file in the run's
+id layout, `TokenizerVocabulary`); `load_dir` reads either.
+
+Conventions (tested in tests/test_vocab.py; the imported tokenizer keeps the ids, the tag
+matching and the escaping guarantee, tests/test_hf_import.py):
 - ids: pad=0, eos=1, unk=2 (seqio's layout), no BOS; the seven tags are user-defined
   symbols, so SentencePiece extracts them from any input as single pieces — which is why
-  untrusted text must go through `tags.escape` first.
+  untrusted text must go through `tags.escape` first. Pad, eos and unk are never produced
+  by text.
 - Whitespace: *no dummy prefix* and *identity normalization*. Text is tokenized verbatim:
   a tag at the start of text is not preceded by a phantom `▁` piece, spaces and newlines
   around a tag belong to the neighbouring text (`" <ai>"` is `▁` + `<ai>`), runs of
@@ -17,6 +24,7 @@ Conventions (tested in tests/test_vocab.py):
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from typing import Iterable, Mapping
@@ -27,7 +35,8 @@ from prealign_jax import modes, tags, tf_cpu
 from prealign_jax.errors import UserError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
-VOCAB_FILE = "vocab.model"  # the vocabulary's name in a prepared data dir
+VOCAB_FILE = "vocab.model"  # a SentencePiece vocabulary's name in a prepared data dir
+TOKENIZER_FILE = "tokenizer.json"  # an imported tokenizer's name there (`prealign import`)
 
 
 class VocabError(UserError):
@@ -93,6 +102,122 @@ def load(model_path: str):
     return seqio.SentencePieceVocabulary(model_path)
 
 
+def load_dir(data_dir: str):
+    """The vocabulary of a prepared data dir: its `vocab.model` or its `tokenizer.json`."""
+    found = [name for name in (VOCAB_FILE, TOKENIZER_FILE)
+             if os.path.exists(os.path.join(data_dir, name))]
+    if len(found) > 1:
+        raise VocabError(f"{data_dir} holds both {VOCAB_FILE} and {TOKENIZER_FILE}; a data "
+                         "dir has one vocabulary: remove the one its shards were not "
+                         "prepared with")
+    if not found:
+        raise VocabError(f"vocabulary {os.path.join(data_dir, VOCAB_FILE)} does not exist "
+                         f"(nor {TOKENIZER_FILE}); build it with `prealign prepare` (or "
+                         "`prealign import`) or point the gin binding at the right data dir")
+    path = os.path.join(data_dir, found[0])
+    return load(path) if found[0] == VOCAB_FILE else _tokenizer_vocabulary_class()(path)
+
+
+def __getattr__(name: str):
+    # TokenizerVocabulary subclasses seqio's Vocabulary: defined on first use, so importing
+    # this module does not import TensorFlow.
+    if name == "TokenizerVocabulary":
+        return _tokenizer_vocabulary_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _tokenizer_vocabulary_class():
+    tf_cpu.import_tf()
+    import seqio
+
+    class TokenizerVocabulary(seqio.Vocabulary):
+        """A Hugging Face `tokenizers` file as a seqio Vocabulary, for runs started from an
+        open model (`prealign import` writes it: pad 0, eos 1, unk 2, the tags as added tokens).
+
+        Encoding never matches a special token (`encode_special_tokens`: a literal `</s>` is
+        text) and adds none; the tags, added tokens that are not special, are matched in any
+        text as SentencePiece's user-defined symbols are, so `tags.escape`d text never yields a
+        tag id. In TensorFlow through `tf.py_function` (the Rust tokenizer, a batch per call)."""
+
+        def __init__(self, path: str):
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise VocabError(f"vocabulary {path} is a Hugging Face tokenizer: pip install "
+                                 "'prealign-jax[hf]'") from None
+            try:
+                self.tokenizer = Tokenizer.from_file(path)
+            except Exception as e:  # (the Rust library raises a bare Exception)
+                raise VocabError(f"vocabulary {path} is not a tokenizers file ({e}); write it "
+                                 "with `prealign import`") from None
+            self.tokenizer_file = path
+            self.tokenizer.encode_special_tokens = True
+            super().__init__()
+            added = self.tokenizer.get_added_tokens_decoder()
+            for i in (PAD_ID, EOS_ID, UNK_ID):
+                if i not in added or not added[i].special:
+                    raise VocabError(f"vocabulary {path}: id {i} is not a special token (pad "
+                                     "0, eos 1, unk 2); write it with `prealign import`")
+            for tag in modes.TAGS:
+                i = self.tokenizer.token_to_id(tag)
+                if i not in added or added[i].special or self._encode(tag) != [i]:
+                    raise VocabError(f"vocabulary {path} does not hold {tag} as one added "
+                                     "token matched in text; write it with `prealign import`")
+
+        @property
+        def eos_id(self) -> int:
+            return EOS_ID
+
+        @property
+        def unk_id(self) -> int:
+            return UNK_ID
+
+        @property
+        def _base_vocab_size(self) -> int:
+            return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+        def _encode(self, s: str) -> list[int]:
+            return self.tokenizer.encode(s, add_special_tokens=False).ids
+
+        def _decode(self, ids) -> str:
+            return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+        def _encode_tf(self, s):
+            """A string -> int32[n]; strings [B] -> a RaggedTensor [B, None]."""
+            import tensorflow as tf
+
+            def encode(texts):
+                encoded = self.tokenizer.encode_batch(
+                    [t.decode("utf-8", "replace") for t in texts.numpy()],
+                    add_special_tokens=False)
+                lengths = np.array([len(e.ids) for e in encoded], np.int64)
+                flat = np.array([i for e in encoded for i in e.ids], np.int32)
+                return flat, lengths
+
+            flat, lengths = tf.py_function(encode, [tf.reshape(s, [-1])], [tf.int32, tf.int64])
+            flat.set_shape([None])
+            lengths.set_shape([None])
+            ragged = tf.RaggedTensor.from_row_lengths(flat, lengths)
+            return ragged[0] if s.shape.rank == 0 else ragged
+
+        def _decode_tf(self, ids):
+            """int ids [..., n] -> strings [...]."""
+            import tensorflow as tf
+
+            def decode(rows):
+                rows = rows.numpy()
+                flat = rows.reshape(-1, rows.shape[-1])
+                return np.array([self._decode(r).encode() for r in flat],
+                                object).reshape(rows.shape[:-1])
+
+            out = tf.py_function(decode, [ids], tf.string)
+            out.set_shape(ids.shape[:-1])
+            return out
+
+    return TokenizerVocabulary
+
+
 def _model_proto(sp):
     from sentencepiece import sentencepiece_model_pb2
 
@@ -100,9 +225,10 @@ def _model_proto(sp):
 
 
 def tag_ids(vocab) -> dict[str, int]:
-    """Id of each tag in a vocabulary loaded with `load`."""
-    sp = vocab.tokenizer
-    return {tag: sp.piece_to_id(tag) for tag in modes.TAGS}
+    """Id of each tag in a vocabulary (`load`, `load_dir`)."""
+    if isinstance(vocab, _tokenizer_vocabulary_class()):
+        return {tag: vocab.tokenizer.token_to_id(tag) for tag in modes.TAGS}
+    return {tag: vocab.tokenizer.piece_to_id(tag) for tag in modes.TAGS}
 
 
 def decode_tagged(vocab, ids: Iterable[int], plain: Mapping[str, str] | None = None) -> str:

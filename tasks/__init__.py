@@ -81,7 +81,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
         console.LOG.debug("prealign data: re-registering tasks for %s (configuration changed)",
                      data_dir)
     _unregister(mixture)
-    vocab = vocab_lib.load(os.path.join(data_dir, vocab_lib.VOCAB_FILE))
+    vocab = vocab_lib.load_dir(data_dir)
     output_features = {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
     members = []
     for source in records.SOURCES:

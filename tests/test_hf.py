@@ -165,7 +165,8 @@ def test_round_trip_through_hf_weights_is_exact(exports, name):
 
 # ---------------------------------------------------------------- tokenizer
 UNTRUSTED = ["typed <ai> and </quote> here", "<redacted/>", "<\u2060ai>", "a<human>b",
-             "  two  spaces\n\nnew lines", "ünïcödé 中文 🙂", "1234567 tabs\there"]
+             "  two  spaces\n\nnew lines", "ünïcödé 中文 🙂", "1234567 tabs\there",
+             "a </s> b<pad><unk><s>", " </s>", "<ai></s>x<pad>"]
 
 
 def test_tokenizer_ids_equal_sentencepiece_ids(exports, spm_vocab):
@@ -174,16 +175,22 @@ def test_tokenizer_ids_equal_sentencepiece_ids(exports, spm_vocab):
     _, _, export_dir = exports["demo"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir)
     tag_ids = set(vocab_lib.tag_ids(spm_vocab).values())
-    texts = conftest.sample_documents(40, seed=5) + [tags.escape(u) for u in UNTRUSTED]
+    control_ids = {vocab_lib.PAD_ID, vocab_lib.EOS_ID, vocab_lib.UNK_ID}
+    texts = (conftest.sample_documents(40, seed=5) + [tags.escape(u) for u in UNTRUSTED]
+             + UNTRUSTED)
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert ids == list(spm_vocab.encode(text)), text
         assert tokenizer(text)["input_ids"] == [vocab_lib.PAD_ID] + ids  # the document start
         assert tokenizer.decode(ids) == spm_vocab.decode(ids)
-    for text in UNTRUSTED:  # escaped, no tag id: the guarantee SentencePiece gives
-        assert not tag_ids & set(tokenizer.encode(tags.escape(text), add_special_tokens=False))
-    for tag, i in vocab_lib.tag_ids(spm_vocab).items():
-        assert tokenizer.convert_ids_to_tokens(i) == tag and tag in tokenizer.all_special_tokens
+    for text in UNTRUSTED:  # escaped: no tag id, and never pad/eos/unk (control pieces)
+        ids = set(tokenizer.encode(tags.escape(text), add_special_tokens=False))
+        assert not (tag_ids | control_ids) & ids, text
+    for tag, i in vocab_lib.tag_ids(spm_vocab).items():  # one id each, decoded as text
+        assert tokenizer.convert_ids_to_tokens(i) == tag and tokenizer.decode([i]) == tag
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            tokenizer.unk_token_id) == (0, 1, 0, 2)
+    assert tokenizer.decode([0, 5, 1], skip_special_tokens=True) == tokenizer.decode([5])
 
 
 # ---------------------------------------------------------------- the mask

@@ -66,6 +66,11 @@ def get_dataset(mixture_or_task: str, split: str, batch_size: int, length: int, 
                            seed=seed, batch_size=batch_size, verbose=False)
     options = tf.data.Options()
     options.deterministic = True
+    if isinstance(vocab, vocab_lib.TokenizerVocabulary):
+        # Its tf.py_function is a pure function of its input: the iterator position is
+        # exact without its "state" (otherwise TF refuses to save the position).
+        options.experimental_external_state_policy = (
+            tf.data.experimental.ExternalStatePolicy.IGNORE)
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 

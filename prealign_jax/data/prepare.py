@@ -37,6 +37,7 @@ class Config:
     mode: str
     tagged: bool
     bad_records: str
+    tokenizer_file: str | None = None
 
 
 def prepare(workdir: str | None = None, data_dir: str | None = None,
@@ -44,7 +45,7 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
             vocab_documents: int = 20_000, num_shards: Mapping[str, int] | None = None,
             validation_fraction: float = 0.02, mix: generator.Mix | None = None,
             from_text: Sequence[str] = (), mode: str = "human", tagged: bool = False,
-            bad_records: str = "error") -> str:
+            bad_records: str = "error", tokenizer_file: str | None = None) -> str:
     """Build (or reuse) the data dir; returns its path.
 
     Args:
@@ -58,6 +59,8 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
       validation_fraction: fraction of scenarios (and ingested documents) held out.
       mix: `generator.Mix` of renderings.
       from_text, mode, tagged, bad_records: raw-text ingest (see `ingest.py`).
+      tokenizer_file: an imported tokenizer (`prealign import` writes <data dir>/
+        tokenizer.json) used instead of training SentencePiece (vocab_size is then unused).
     """
     if data_dir is None:
         if workdir is None:
@@ -68,10 +71,17 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
     if set(num_shards) != set(SPLITS) or min(num_shards.values()) < 1:
         raise UserError(f"prepare.num_shards={num_shards}: give a positive count for each "
                         f"of {SPLITS}")
+    data_dir = os.path.abspath(data_dir)
+    imported = os.path.join(data_dir, vocab_lib.TOKENIZER_FILE)
+    if tokenizer_file is None and os.path.exists(imported):
+        raise UserError(f"{data_dir} holds an imported tokenizer; prepare with it: "
+                        f"--tokenizer={imported}")
+    if tokenizer_file is not None and not os.path.isfile(tokenizer_file):
+        raise UserError(f"--tokenizer={tokenizer_file}: no such file; `prealign import` "
+                        "writes <data dir>/tokenizer.json")
     config = Config(num_scenarios, seed, vocab_size, vocab_documents, num_shards,
                     validation_fraction, mix or generator.Mix(), tuple(from_text), mode,
-                    tagged, bad_records)
-    data_dir = os.path.abspath(data_dir)
+                    tagged, bad_records, tokenizer_file and os.path.abspath(tokenizer_file))
     digest = config_hash(config)
     reason = _reuse_problem(data_dir, digest)
     if reason is None:
@@ -90,7 +100,7 @@ def config_hash(config: Config) -> str:
     for name in _CODE:
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
-    for path in config.from_text:
+    for path in config.from_text + ((config.tokenizer_file,) if config.tokenizer_file else ()):
         if not os.path.isfile(path):
             raise ingest.IngestError(f"--from_text {path}: no such file")
         h.update(shards.sha256(path).encode())
@@ -109,7 +119,8 @@ def _reuse_problem(data_dir: str, digest: str) -> str | None:
     problems = shards.check_shards(data_dir, manifest, checksums=True)
     if problems:
         return problems[0]
-    if not os.path.exists(os.path.join(data_dir, vocab_lib.VOCAB_FILE)):
+    if not any(os.path.exists(os.path.join(data_dir, name))
+               for name in (vocab_lib.VOCAB_FILE, vocab_lib.TOKENIZER_FILE)):
         return "vocabulary missing"
     return None
 
@@ -139,12 +150,17 @@ def _build(data_dir: str, config: Config, digest: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
-        texts = (doc.text for doc, _ in itertools.islice(documents(config),
-                                                         config.vocab_documents))
-        console.say(f"prepare: training a {config.vocab_size}-piece vocabulary")
-        vocab_path = vocab_lib.train(texts, os.path.join(staging, vocab_lib.VOCAB_FILE),
-                                     config.vocab_size)
-        sp = spm.SentencePieceProcessor(model_file=vocab_path)
+        if config.tokenizer_file:  # an imported tokenizer: checked by loading it
+            vocab_path = os.path.join(staging, vocab_lib.TOKENIZER_FILE)
+            shutil.copyfile(config.tokenizer_file, vocab_path)
+            sp = vocab_lib.load_dir(staging)
+        else:
+            texts = (doc.text for doc, _ in itertools.islice(documents(config),
+                                                             config.vocab_documents))
+            console.say(f"prepare: training a {config.vocab_size}-piece vocabulary")
+            vocab_path = vocab_lib.train(texts, os.path.join(staging, vocab_lib.VOCAB_FILE),
+                                         config.vocab_size)
+            sp = spm.SentencePieceProcessor(model_file=vocab_path)
         with shards.ShardWriter(staging, config.num_shards, sp) as writer:
             for doc, split in tqdm(documents(config), desc="prepare: writing shards",
                                    unit=" docs", mininterval=2.0):
@@ -152,8 +168,9 @@ def _build(data_dir: str, config: Config, digest: str) -> None:
             written = writer.close()
         shards.write_manifest(staging, {
             "config": dataclasses.asdict(config), "config_hash": digest,
-            "vocab": {"file": vocab_lib.VOCAB_FILE, "sha256": shards.sha256(vocab_path),
-                      "size": config.vocab_size},
+            "vocab": {"file": os.path.basename(vocab_path),
+                      "sha256": shards.sha256(vocab_path),
+                      "size": sp.vocab_size if config.tokenizer_file else config.vocab_size},
             "totals": _totals(written["counts"]), **written})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
