@@ -47,6 +47,22 @@ def piece_classes(classes):
     return out
 
 
+def random_decoder(vocab_size, max_len):
+    """(ModelConfig, numpy params) of a small random decoder (GQA) for sampling tests."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from prealign_jax import model as model_lib
+
+    cfg = model_lib.ModelConfig(vocab_size=vocab_size, d_model=32, num_layers=2, num_heads=4,
+                                num_kv_heads=2, head_dim=None, mlp_dim=64, max_len=max_len)
+    params = model_lib.Decoder(cfg).init(
+        jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
+    return cfg, jax.tree.map(np.asarray, nn.unbox(params))
+
+
 @pytest.fixture(scope="session")
 def spm_vocab(tmp_path_factory):
     """A 512-piece vocabulary trained on `sample_documents`."""

@@ -4,13 +4,12 @@ policies and cancellation hold."""
 
 import threading
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from prealign_jax import engine as engine_lib, model as model_lib, modes, partitioning
+from conftest import random_decoder
+
+from prealign_jax import engine as engine_lib, modes, partitioning
 from prealign_jax import sampling, vocab
 
 WAIT_S = 300  # a deadlock guard, not a performance bound
@@ -18,12 +17,7 @@ WAIT_S = 300  # a deadlock guard, not a performance bound
 
 @pytest.fixture(scope="module")
 def setup(spm_vocab):
-    cfg = model_lib.ModelConfig(vocab_size=spm_vocab.vocab_size, d_model=32, num_layers=2,
-                                num_heads=4, num_kv_heads=2, head_dim=None, mlp_dim=64,
-                                max_len=64)
-    params = model_lib.Decoder(cfg).init(
-        jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
-    return cfg, jax.tree.map(np.asarray, nn.unbox(params))
+    return random_decoder(spm_vocab.vocab_size, max_len=64)
 
 
 @pytest.fixture(scope="module")

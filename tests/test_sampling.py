@@ -2,12 +2,13 @@
 
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from conftest import random_decoder
 
 from prealign_jax import model as model_lib, modes, partitioning, sampling, vocab
 
@@ -17,12 +18,7 @@ ALL_TRANSITIONS = modes.GRAMMAR.transitions
 
 @pytest.fixture(scope="module")
 def setup(spm_vocab):
-    cfg = model_lib.ModelConfig(vocab_size=spm_vocab.vocab_size, d_model=32, num_layers=2,
-                                num_heads=4, num_kv_heads=2, head_dim=None, mlp_dim=64,
-                                max_len=128)
-    params = model_lib.Decoder(cfg).init(
-        jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]
-    return cfg, jax.tree.map(np.asarray, nn.unbox(params))
+    return random_decoder(spm_vocab.vocab_size, max_len=128)
 
 
 def make_sampler(setup, spm_vocab, policy, mesh=None, **kw):

@@ -4,26 +4,21 @@ serving, and a failed decode step fails only the rows it held."""
 
 import threading
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 import openai
 import pytest
 import uvicorn
 
-from prealign_jax import engine as engine_lib, model as model_lib, partitioning, sampling
+from conftest import random_decoder
+
+from prealign_jax import engine as engine_lib, partitioning, sampling
 from prealign_jax import vocab
 from prealign_jax.serving import app as app_lib, server as server_lib
 
 
 @pytest.fixture(scope="module")
 def served(spm_vocab):
-    cfg = model_lib.ModelConfig(vocab_size=spm_vocab.vocab_size, d_model=32, num_layers=2,
-                                num_heads=4, num_kv_heads=2, head_dim=None, mlp_dim=64,
-                                max_len=64)
-    params = jax.tree.map(np.asarray, nn.unbox(model_lib.Decoder(cfg).init(
-        jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3)["params"]))
+    cfg, params = random_decoder(spm_vocab.vocab_size, max_len=64)
     token_class = vocab.model_token_classes(vocab.token_classes(spm_vocab), cfg.vocab_size)
     engine = engine_lib.Engine(cfg, params, token_class, ["assistant"],
                                partitioning.make_mesh(devices=jax.devices()[:1]),
