@@ -109,6 +109,14 @@ def _with_index(cache, axes, index):
                         cache, axes, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 3)
 
 
+def check_max_batch(max_batch: int, mesh) -> None:
+    """Rows split evenly over the mesh's batch devices."""
+    multiple = partitioning.batch_size_multiple(mesh)
+    if max_batch < 1 or max_batch % multiple:
+        raise sampling.SamplingError(f"--max_batch={max_batch}: must be a positive "
+                                     f"multiple of the mesh's {multiple} batch devices")
+
+
 @dataclasses.dataclass
 class Request:
     """One sequence to draw. Callbacks run on the engine's thread: `on_tokens(tokens,
@@ -150,10 +158,7 @@ class Engine:
                  mesh, *, max_batch: int = 16, steps_per_call: int = 8,
                  candidates: int = 256, prefill_chunk: int = 512,
                  progress: Callable[[str], None] = lambda line: None):
-        multiple = partitioning.batch_size_multiple(mesh)
-        if max_batch < 1 or max_batch % multiple:
-            raise sampling.SamplingError(f"--max_batch={max_batch}: must be a positive "
-                                         f"multiple of the mesh's {multiple} batch devices")
+        check_max_batch(max_batch, mesh)
         self.model_cfg, self.params, self.mesh = model_cfg, params, mesh
         self.max_batch, self.steps_per_call, self.candidates = (
             max_batch, steps_per_call, candidates)

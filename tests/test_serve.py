@@ -318,3 +318,23 @@ def test_a_client_that_goes_away_frees_its_row_and_sigterm_drains(run_dir):
     assert "stopped" in "".join(s.lines)
     with pytest.raises(openai.APIConnectionError):
         client.models.list()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--policy=nope"], "unknown policy 'nope'"),
+    (["--policies", "grammar", "nope"], "unknown policy 'nope'"),
+    (["--api_key_file=/no/such/key"], "--api_key_file=/no/such/key: No such file"),
+    (["--max_batch=0"], "--max_batch=0: must be >= 1"),
+    (["--max_batch=3"], "--max_batch=3: must be a positive multiple of the mesh's 8"),
+    ([], "cannot listen there"),
+])
+def test_bad_serve_flags_are_one_line_errors(run_dir, capsys, flags, needle):
+    from prealign_jax import main
+
+    with socket.socket() as taken:  # a port in use, for the case without other mistakes
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main.main(["serve", f"--workdir={run_dir}", f"--port={port}", *flags]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err

@@ -57,6 +57,7 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8000, policy: str = "assi
 
     policies = list(dict.fromkeys([policy] + list(policies or [])))
     name = name or os.path.basename(os.path.normpath(run.workdir))
+    engine_lib.check_max_batch(max_batch, run.mesh)
     sock = bind(host, port)  # before compiling: a taken port fails at once
     clock = console.Clock("serve")
     token_class = vocab_lib.model_token_classes(vocab_lib.token_classes(run.vocab),
