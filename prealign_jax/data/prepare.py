@@ -139,8 +139,15 @@ def _build(data_dir: str, config: Config, digest: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
-        texts = (doc.text for doc, _ in itertools.islice(documents(config),
-                                                         config.vocab_documents))
+        # A list, not a generator: a bad input record raises here, as its one-line error,
+        # not from inside SentencePiece's trainer (which would wrap it in a RuntimeError).
+        texts = [doc.text for doc, _ in itertools.islice(documents(config),
+                                                         config.vocab_documents)]
+        if not texts:
+            raise UserError(f"no documents to prepare: prepare.num_scenarios="
+                            f"{config.num_scenarios} and --from_text "
+                            f"{' '.join(config.from_text) or '(none)'} holds no records; "
+                            "give text with documents or num_scenarios > 0")
         console.say(f"prepare: training a {config.vocab_size}-piece vocabulary")
         vocab_path = vocab_lib.train(texts, os.path.join(staging, vocab_lib.VOCAB_FILE),
                                      config.vocab_size)
