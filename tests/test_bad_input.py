@@ -308,8 +308,8 @@ def test_a_manifest_without_its_shard_list_is_named(tmp_path, spm_vocab, bad_rec
 
 
 # ---------------------------------------------------------------- prepare from raw text
-GOOD_JSONL = "".join(f'{{"text": "Person {i} kept the change and said nothing."}}\n'
-                     for i in range(40))
+GOOD_LINES = [f'{{"text": "Person {i} kept the change and said nothing."}}\n'
+              for i in range(40)]
 
 
 def _prepare(tmp_path, text_file, bad_records="error"):
@@ -326,11 +326,10 @@ def test_a_bad_record_in_the_vocabulary_sample_is_one_line(tmp_path):
     from prealign_jax.data import ingest
 
     path = tmp_path / "raw.jsonl"
-    path.write_text(GOOD_JSONL[:200] + "{not json\n" + GOOD_JSONL)
-    line = GOOD_JSONL[:200].count("\n") + 1
+    path.write_text("".join(GOOD_LINES[:3]) + "{not json\n" + "".join(GOOD_LINES))
     with pytest.raises(ingest.IngestError) as e:
         _prepare(tmp_path, path)
-    assert str(e.value).startswith(f"{path}:{line}: not a JSON object (")
+    assert str(e.value).startswith(f"{path}:4: not a JSON object (")
     assert str(e.value).endswith("(pass --bad_records=skip to drop such records)")
     assert not os.path.exists(tmp_path / "data")
 
@@ -339,7 +338,7 @@ def test_a_lone_surrogate_is_a_bad_record(tmp_path, caplog):
     from prealign_jax.data import ingest, shards
 
     path = tmp_path / "raw.jsonl"
-    path.write_text(GOOD_JSONL + '{"text": "a \\ud800 b"}\n')
+    path.write_text("".join(GOOD_LINES) + '{"text": "a \\ud800 b"}\n')
     with pytest.raises(ingest.IngestError) as e:
         list(ingest.read_documents([str(path)]))
     assert str(e.value) == (f"{path}:41: 'text' holds a lone surrogate (U+D800 at character "
@@ -358,4 +357,4 @@ def test_an_empty_input_without_scenarios_is_one_line(tmp_path):
         _prepare(tmp_path, path)
     assert str(e.value) == (
         f"no documents to prepare: prepare.num_scenarios=0 and --from_text "
-        f"{path} holds no records; give text with documents or num_scenarios > 0")
+        f"{path} holds no usable records; give text with documents or num_scenarios > 0")

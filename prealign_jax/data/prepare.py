@@ -146,7 +146,7 @@ def _build(data_dir: str, config: Config, digest: str) -> None:
         if not texts:
             raise UserError(f"no documents to prepare: prepare.num_scenarios="
                             f"{config.num_scenarios} and --from_text "
-                            f"{' '.join(config.from_text) or '(none)'} holds no records; "
+                            f"{' '.join(config.from_text) or '(none)'} holds no usable records; "
                             "give text with documents or num_scenarios > 0")
         console.say(f"prepare: training a {config.vocab_size}-piece vocabulary")
         vocab_path = vocab_lib.train(texts, os.path.join(staging, vocab_lib.VOCAB_FILE),
