@@ -144,10 +144,10 @@ def _build(data_dir: str, config: Config, digest: str) -> None:
         texts = [doc.text for doc, _ in itertools.islice(documents(config),
                                                          config.vocab_documents)]
         if not texts:
+            files = " ".join(config.from_text) or "(none)"
             raise UserError(f"no documents to prepare: prepare.num_scenarios="
-                            f"{config.num_scenarios} and --from_text "
-                            f"{' '.join(config.from_text) or '(none)'} holds no usable records; "
-                            "give text with documents or num_scenarios > 0")
+                            f"{config.num_scenarios} and --from_text {files} holds no usable "
+                            "records; give text with documents or num_scenarios > 0")
         console.say(f"prepare: training a {config.vocab_size}-piece vocabulary")
         vocab_path = vocab_lib.train(texts, os.path.join(staging, vocab_lib.VOCAB_FILE),
                                      config.vocab_size)
