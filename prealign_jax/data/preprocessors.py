@@ -85,14 +85,18 @@ def read_records(filename, bad_records: str, num_records: Mapping[str, int]):
 def _parse_block(index, serialized):
     """The `text` of a block of records. One parse per block; only a block holding a record
     that cannot be parsed (which fails the whole parse) is parsed again record by record,
-    to mark just that record. Each branch is a dataset so `ignore_errors` can catch a
-    failed parse; `take(1)` keeps the slow branch from running when the fast one succeeds."""
-    whole = tf.data.Dataset.from_tensors((index, serialized)).map(
-        lambda i, s: (i, tf.io.parse_example(s, _TEXT)["text"])).ignore_errors()
-    singly = tf.data.Dataset.from_tensor_slices((index, serialized)).map(
-        lambda i, s: (i, tf.io.parse_single_example(s, _TEXT)["text"])
-    ).ignore_errors().batch(BLOCK)
-    none = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int64), tf.zeros([0], tf.string)))
+    to mark just that record. Each branch is a dataset so `ignore_errors` can catch a failed
+    parse; `take(1)` never builds nor runs the record-by-record branch when the block parses.
+    """
+    def whole(i, s):
+        return {"record": i, "parsed": tf.ones_like(i, tf.bool),
+                "text": tf.io.parse_example(s, _TEXT)["text"]}
+
+    def singly(i, s):
+        none = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int64), tf.zeros([0], tf.string)))
+        return (tf.data.Dataset.from_tensor_slices((i, s))
+                .map(lambda i, s: (i, tf.io.parse_single_example(s, _TEXT)["text"]))
+                .ignore_errors().batch(BLOCK).concatenate(none).take(1).map(fill))
 
     def fill(got, text):
         at = tf.cast(got - index[0], tf.int32)[:, None]
@@ -100,7 +104,8 @@ def _parse_block(index, serialized):
                                                          tf.shape(index)),
                 "text": tf.tensor_scatter_nd_update(tf.fill(tf.shape(index), ""), at, text)}
 
-    return whole.concatenate(singly).concatenate(none).take(1).map(fill)
+    block = tf.data.Dataset.from_tensors((index, serialized))
+    return block.map(whole).ignore_errors().concatenate(block.flat_map(singly)).take(1)
 
 
 def tokenize_and_validate(dataset, output_features, bad_records: str = "error",
