@@ -98,7 +98,9 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
             task_name(mixture, source),
             source=seqio.FileDataSource(
                 read_file_fn=functools.partial(preprocessors.read_records,
-                                               skip_corrupt=bad_records == "skip"),
+                                               bad_records=bad_records,
+                                               num_records=shards.record_counts(data_dir,
+                                                                                manifest)),
                 split_to_filepattern=splits, block_length=1,
                 num_input_examples={k: -(-v // preprocessors.BLOCK) for k, v in counts.items()}),
             preprocessors=[

@@ -5,6 +5,7 @@ status 2 from the CLI — never a traceback, never work lost. One section per su
 import dataclasses
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -180,3 +181,180 @@ def test_a_bad_accelerator_is_named(capsys, binding, needle):
     assert main.main(["plan", "--gin_file=models/tiny.gin", f"--gin.{binding}"]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------- shards read for training
+def _shard_dir(tmp_path, spm_vocab, num_docs=89):
+    """A data dir whose one train shard holds `num_docs` documents; (data dir, shard)."""
+    from data_helpers import write_data_dir
+
+    data_dir = str(tmp_path / "data")
+    manifest = write_data_dir(data_dir, {"synthetic_human": [
+        f"<human>doc {i}</human>" for i in range(num_docs)]}, spm_vocab.sentencepiece_model_file)
+    return data_dir, os.path.join(data_dir, next(s["file"] for s in manifest["shards"]
+                                                 if s["split"] == "train"))
+
+
+def _read_documents(data_dir, bad_records) -> int:
+    """Documents the training pipeline yields in one ordered pass over the train shard."""
+    from prealign_jax import tasks
+    from prealign_jax.data import pipeline
+
+    tasks.register(data_dir, bad_records=bad_records)
+    ds = pipeline.get_dataset("prealign_synthetic_human", "train", 1, 2048, seed=0,
+                              num_epochs=1, shuffle=False)
+    return sum(int(b["decoder_segment_ids"].max()) for b in pipeline.DataIterator(ds))
+
+
+def _record_spans(path) -> list[tuple[int, int]]:
+    """(offset, length) of each record's data in a TFRecord file (12-byte header before,
+    4-byte CRC after)."""
+    data, spans, pos = open(path, "rb").read(), [], 0
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        spans.append((pos + 12, length))
+        pos += 12 + length + 4
+    return spans
+
+
+def _replace_record(data_dir, path, index, raw: bytes) -> None:
+    """Rewrite the shard with record `index` replaced by `raw`; the manifest follows."""
+    from prealign_jax import tf_cpu
+    from prealign_jax.data import shards
+
+    tf = tf_cpu.import_tf()
+    rows = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+    rows[index] = raw
+    with tf.io.TFRecordWriter(path) as w:
+        for r in rows:
+            w.write(r)
+    manifest = shards.read_manifest(data_dir)
+    entry = next(s for s in manifest["shards"] if os.path.join(data_dir, s["file"]) == path)
+    entry.update(bytes=os.path.getsize(path), sha256=shards.sha256(path))
+    shards.write_manifest(data_dir, {k: v for k, v in manifest.items() if k != "format"})
+
+
+def _int_text_example() -> bytes:
+    from prealign_jax import tf_cpu
+
+    tf = tf_cpu.import_tf()
+    return tf.train.Example(features=tf.train.Features(feature={"text": tf.train.Feature(
+        int64_list=tf.train.Int64List(value=[7]))})).SerializeToString()
+
+
+@pytest.mark.parametrize("raw", [b"<human>not an Example</human>", _int_text_example()],
+                         ids=["bytes", "int_text"])
+def test_a_record_that_is_not_an_example_is_named(tmp_path, spm_vocab, capfd, raw):
+    """`error` stops naming shard and record; `skip` logs it and trains on the other 88."""
+    from prealign_jax.data import pipeline
+
+    data_dir, path = _shard_dir(tmp_path, spm_vocab)
+    _replace_record(data_dir, path, 7, raw)
+    with pytest.raises(pipeline.DataError) as e:
+        _read_documents(data_dir, "error")
+    assert str(e.value) == (
+        f"shard {path} record 7: not a tf.train.Example with a bytes feature `text` "
+        "(bind tasks.register.bad_records='skip' to drop and log such records)")
+    assert _read_documents(data_dir, "skip") == 88
+    err = capfd.readouterr().err
+    assert (f'prealign data: skipped "shard {path} record 7: not a tf.train.Example with a '
+            'bytes feature `text`" | skipped so far: 1') in err
+
+
+def test_a_corrupt_record_is_counted_against_the_manifest(tmp_path, spm_vocab, capfd):
+    """One flipped byte: TFRecordDataset cannot read past it, so every record after it is
+    lost too; `error` stops naming the shard, `skip` says loudly how many were lost."""
+    from prealign_jax.data import pipeline
+
+    data_dir, path = _shard_dir(tmp_path, spm_vocab)
+    offset, length = _record_spans(path)[5]
+    with open(path, "r+b") as f:
+        f.seek(offset + length // 2)
+        byte = f.read(1)
+        f.seek(offset + length // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(pipeline.DataError) as e:
+        _read_documents(data_dir, "error")
+    assert str(e.value) == (
+        f"shard {path}: read 5 of its 89 records (manifest.json): record 5 is missing or "
+        "corrupt and the reader cannot go past it; rerun `prealign prepare` (or bind "
+        "tasks.register.bad_records='skip' to train on the records before it)")
+    assert _read_documents(data_dir, "skip") == 5
+    err = capfd.readouterr().err
+    assert (f'prealign data: "shard {path}: read 5 of its 89 records (manifest.json): '
+            "record 5 is missing or corrupt and the reader cannot go past it; skipped 84 "
+            'records; rerun `prealign prepare` to read them"') in err
+
+
+@pytest.mark.parametrize("bad_records", ["error", "skip"])
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m.pop("shards"), "has no shard list ('shards')"),
+    (lambda m: m["shards"][0].pop("records"),
+     "shard entry 0 (synthetic_human/train-00000-of-00001.tfrecord) has no valid 'records'"),
+], ids=["no_shards", "no_records"])
+def test_a_manifest_without_its_shard_list_is_named(tmp_path, spm_vocab, bad_records, damage,
+                                                    message):
+    from prealign_jax import tasks
+    from prealign_jax.data import shards
+
+    data_dir, _ = _shard_dir(tmp_path, spm_vocab, num_docs=3)
+    manifest = shards.read_manifest(data_dir)
+    damage(manifest)
+    shards.write_manifest(data_dir, {k: v for k, v in manifest.items() if k != "format"})
+    with pytest.raises(shards.ShardError) as e:
+        tasks.register(data_dir, bad_records=bad_records)
+    assert str(e.value) == (f"{data_dir}/manifest.json {message}; rerun `prealign prepare` "
+                            f"for {data_dir}")
+
+
+# ---------------------------------------------------------------- prepare from raw text
+GOOD_LINES = [f'{{"text": "Person {i} kept the change and said nothing."}}\n'
+              for i in range(40)]
+
+
+def _prepare(tmp_path, text_file, bad_records="error"):
+    from prealign_jax.data import prepare
+
+    return prepare.prepare(data_dir=str(tmp_path / "data"), num_scenarios=0, vocab_size=300,
+                           vocab_documents=1000, num_shards={"train": 1, "validation": 1},
+                           from_text=[str(text_file)], bad_records=bad_records)
+
+
+def test_a_bad_record_in_the_vocabulary_sample_is_one_line(tmp_path):
+    """Met while the vocabulary trains (before any shard is written): the same error as
+    later, not a SentencePiece RuntimeError."""
+    from prealign_jax.data import ingest
+
+    path = tmp_path / "raw.jsonl"
+    path.write_text("".join(GOOD_LINES[:3]) + "{not json\n" + "".join(GOOD_LINES))
+    with pytest.raises(ingest.IngestError) as e:
+        _prepare(tmp_path, path)
+    assert str(e.value).startswith(f"{path}:4: not a JSON object (")
+    assert str(e.value).endswith("(pass --bad_records=skip to drop such records)")
+    assert not os.path.exists(tmp_path / "data")
+
+
+def test_a_lone_surrogate_is_a_bad_record(tmp_path, caplog):
+    from prealign_jax.data import ingest, shards
+
+    path = tmp_path / "raw.jsonl"
+    path.write_text("".join(GOOD_LINES) + '{"text": "a \\ud800 b"}\n')
+    with pytest.raises(ingest.IngestError) as e:
+        list(ingest.read_documents([str(path)]))
+    assert str(e.value) == (f"{path}:41: 'text' holds a lone surrogate (U+D800 at character "
+                            "2), which is not Unicode text (pass --bad_records=skip to drop "
+                            "such records)")
+    data_dir = _prepare(tmp_path, path, bad_records="skip")
+    assert f"skipped {path}:41: 'text' holds a lone surrogate" in caplog.text
+    manifest = shards.read_manifest(data_dir)
+    assert sum(t["documents"] for t in manifest["totals"].values()) == 40
+
+
+def test_an_empty_input_without_scenarios_is_one_line(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    with pytest.raises(UserError) as e:
+        _prepare(tmp_path, path)
+    assert str(e.value) == (
+        f"no documents to prepare: prepare.num_scenarios=0 and --from_text "
+        f"{path} holds no usable records; give text with documents or num_scenarios > 0")

@@ -66,6 +66,17 @@ def _document(text: str, mode: str, tagged: bool, doc_id: str) -> records.Docume
                             span_labels=() if mode == "doc" else (-1,))
 
 
+def _surrogate_problem(text: str) -> str | None:
+    """JSON may escape a lone surrogate (`"\\ud800"`); such a string cannot be written as
+    UTF-8, so it is a bad record here rather than a crash in the shard writer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"'text' holds a lone surrogate (U+{ord(text[e.start]):04X} at character "
+                f"{e.start}), which is not Unicode text")
+    return None
+
+
 def _raw_records(path: str, tagged: bool) -> Iterator[tuple[int, str, str | None]]:
     """(line number, text, problem or None) of each record of a file."""
     try:
@@ -91,7 +102,7 @@ def _raw_records(path: str, tagged: bool) -> Iterator[tuple[int, str, str | None
             elif not text.strip():
                 yield number, "", "empty text"
             else:
-                yield number, text, None
+                yield number, text, _surrogate_problem(text)
         return
     start, number = 0, 1
     for sep in list(_BLANK_LINES.finditer(data)) + [None]:

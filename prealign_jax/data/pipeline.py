@@ -109,7 +109,7 @@ class DataIterator:
     def __next__(self) -> dict:
         try:
             batch = next(self._it)
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+        except tf.errors.InvalidArgumentError as e:
             raise _data_error(e) from None
         return {k: v.numpy() for k, v in batch.items()}
 
@@ -127,7 +127,4 @@ def _data_error(e: Exception) -> Exception:
         detail = message.split(preprocessors.ERROR_MARKER, 1)[1].split("\n", 1)[0]
         detail = re.sub(r"[\[\]]", "", detail).replace("\\'", "'")
         return DataError(" ".join(detail.split()))
-    if isinstance(e, tf.errors.DataLossError):
-        return DataError(f"corrupt shard: {message.splitlines()[0]}; rerun `prealign "
-                         "prepare` or set register.bad_records='skip'")
     return e

@@ -155,8 +155,15 @@ def _build(data_dir: str, config: Config, digest: str) -> None:
             shutil.copyfile(config.tokenizer_file, vocab_path)
             sp = vocab_lib.load_dir(staging)
         else:
-            texts = (doc.text for doc, _ in itertools.islice(documents(config),
-                                                             config.vocab_documents))
+            # A list, not a generator: a bad input record raises here, as its one-line
+            # error, not from inside SentencePiece's trainer (which would wrap it).
+            texts = [doc.text for doc, _ in itertools.islice(documents(config),
+                                                             config.vocab_documents)]
+            if not texts:
+                files = " ".join(config.from_text) or "(none)"
+                raise UserError(f"no documents to prepare: prepare.num_scenarios="
+                                f"{config.num_scenarios} and --from_text {files} holds no "
+                                "usable records; give text with documents or num_scenarios > 0")
             console.say(f"prepare: training a {config.vocab_size}-piece vocabulary")
             vocab_path = vocab_lib.train(texts, os.path.join(staging, vocab_lib.VOCAB_FILE),
                                          config.vocab_size)

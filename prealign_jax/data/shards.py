@@ -153,15 +153,44 @@ def read_manifest(data_dir: str) -> dict:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
         raise ShardError(f"{path} is unreadable ({e}); rerun `prealign prepare`") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ShardError(f"{path} has format {manifest.get('format')!r}, expected "
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ShardError(f"{path} has format {found!r}, expected "
                          f"{FORMAT_VERSION}; rerun `prealign prepare`")
+    problem = _shard_list_problem(manifest.get("shards"))
+    if problem:
+        raise ShardError(f"{path} {problem}; rerun `prealign prepare` for {data_dir}")
     return manifest
+
+
+# What readers take from each manifest entry of a shard.
+_ENTRY_FIELDS = {"file": str, "source": str, "split": str, "records": int, "bytes": int,
+                 "sha256": str}
+
+
+def _shard_list_problem(entries) -> str | None:
+    """What is wrong with a manifest's shard list, checked up front so that readers never
+    meet a KeyError deep inside `register` or a check."""
+    if not isinstance(entries, list):
+        return "has no shard list ('shards')"
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            return f"shard entry {i} is not an object"
+        for key, kind in _ENTRY_FIELDS.items():
+            value = entry.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                return f"shard entry {i} ({entry.get('file')}) has no valid {key!r}"
+    return None
 
 
 def shard_files(data_dir: str, manifest: dict, source: str, split: str) -> list[str]:
     return [os.path.join(data_dir, s["file"]) for s in manifest["shards"]
             if s["source"] == source and s["split"] == split]
+
+
+def record_counts(data_dir: str, manifest: dict) -> dict[str, int]:
+    """Path -> the number of records the manifest says each shard holds."""
+    return {os.path.join(data_dir, s["file"]): s["records"] for s in manifest["shards"]}
 
 
 def complete_records(path: str) -> tuple[int, bool]:
