@@ -4,6 +4,7 @@ status 2 from the CLI — never a traceback, never work lost. One section per su
 
 import dataclasses
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -286,6 +287,26 @@ def test_a_corrupt_record_is_counted_against_the_manifest(tmp_path, spm_vocab, c
             'records; rerun `prealign prepare` to read them"') in err
 
 
+@pytest.mark.parametrize("damage", ["flip", "not_an_example"])
+def test_tools_reading_a_damaged_shard_name_it(tmp_path, spm_vocab, damage):
+    """`shards.iter_documents` (evaluation, tools): the shard and record, not a traceback."""
+    from prealign_jax.data import shards
+
+    data_dir, path = _shard_dir(tmp_path, spm_vocab, num_docs=9)
+    if damage == "flip":
+        offset, length = _record_spans(path)[5]
+        with open(path, "r+b") as f:
+            f.seek(offset + length // 2)
+            byte = f.read(1)
+            f.seek(offset + length // 2)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    else:
+        _replace_record(data_dir, path, 5, b"not an Example")
+    with pytest.raises(shards.ShardError, match=rf"^shard {re.escape(path)} record 5: "
+                       r"unreadable \(.+\); rerun `prealign prepare`$"):
+        list(shards.iter_documents([path]))
+
+
 @pytest.mark.parametrize("bad_records", ["error", "skip"])
 @pytest.mark.parametrize("damage, message", [
     (lambda m: m.pop("shards"), "has no shard list ('shards')"),
@@ -348,6 +369,17 @@ def test_a_lone_surrogate_is_a_bad_record(tmp_path, caplog):
     assert f"skipped {path}:41: 'text' holds a lone surrogate" in caplog.text
     manifest = shards.read_manifest(data_dir)
     assert sum(t["documents"] for t in manifest["totals"].values()) == 40
+
+
+@pytest.mark.parametrize("count", [0, -5, 2.5, True])
+def test_vocab_documents_must_be_a_positive_count(tmp_path, count):
+    from prealign_jax.data import prepare
+
+    with pytest.raises(UserError, match=rf"^prepare.vocab_documents={count!r}: the vocabulary "
+                       "is trained on this many documents; give a positive count$"):
+        prepare.prepare(data_dir=str(tmp_path / "data"), num_scenarios=10, vocab_size=300,
+                        vocab_documents=count)
+    assert not os.path.exists(tmp_path / "data")
 
 
 def test_an_empty_input_without_scenarios_is_one_line(tmp_path):

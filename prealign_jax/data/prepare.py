@@ -71,6 +71,11 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
     if set(num_shards) != set(SPLITS) or min(num_shards.values()) < 1:
         raise UserError(f"prepare.num_shards={num_shards}: give a positive count for each "
                         f"of {SPLITS}")
+    if tokenizer_file is None and (isinstance(vocab_documents, bool)
+                                   or not isinstance(vocab_documents, int)
+                                   or vocab_documents < 1):
+        raise UserError(f"prepare.vocab_documents={vocab_documents!r}: the vocabulary is "
+                        "trained on this many documents; give a positive count")
     data_dir = os.path.abspath(data_dir)
     imported = os.path.join(data_dir, vocab_lib.TOKENIZER_FILE)
     if tokenizer_file is None and os.path.exists(imported):

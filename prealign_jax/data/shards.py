@@ -238,8 +238,18 @@ def check_shards(data_dir: str, manifest: dict, checksums: bool = False) -> list
 
 
 def iter_documents(paths: Iterable[str]) -> Iterable[records.Document]:
-    """Every document of the given shards, in order (tools and tests)."""
+    """Every document of the given shards, in order (tools, evaluation, tests). A record
+    that cannot be read or parsed is a ShardError naming the shard and record."""
+    from google.protobuf.message import DecodeError
+
     tf = tf_cpu.import_tf()
     for path in paths:
-        for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
-            yield records.from_example(raw)
+        index = 0
+        try:
+            for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+                yield records.from_example(raw)
+                index += 1
+        except (tf.errors.OpError, DecodeError, ValueError, LookupError) as e:
+            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ShardError(f"shard {path} record {index}: unreadable ({what[:120]}); rerun "
+                             "`prealign prepare`") from None
