@@ -216,6 +216,13 @@ def serve_command(args) -> None:
     for flag in ("max_batch", "max_n", "steps_per_call"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag}={getattr(args, flag)}: must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port={args.port}: must be in [0, 65535] (0: a free port)")
+    if not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
+        raise UsageError(f"--drain_timeout={args.drain_timeout}: must be a finite number of "
+                         "seconds >= 0")
+    if args.model_name is not None and not args.model_name.strip():
+        raise UsageError("--model_name: must not be empty (default: the workdir's name)")
     api_key = server.read_api_key(args.api_key_file) if args.api_key_file else None
     server.serve(load_run(args), host=args.host, port=args.port, policy=policies[0],
                  policies=policies, max_batch=args.max_batch, max_n=args.max_n,

@@ -218,6 +218,16 @@ def _record_spans(path) -> list[tuple[int, int]]:
     return spans
 
 
+def _flip_a_byte(path, index) -> None:
+    """Corrupt record `index` in place: one byte in the middle of its data inverted."""
+    offset, length = _record_spans(path)[index]
+    with open(path, "r+b") as f:
+        f.seek(offset + length // 2)
+        byte = f.read(1)
+        f.seek(offset + length // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def _replace_record(data_dir, path, index, raw: bytes) -> None:
     """Rewrite the shard with record `index` replaced by `raw`; the manifest follows."""
     from prealign_jax import tf_cpu
@@ -268,12 +278,7 @@ def test_a_corrupt_record_is_counted_against_the_manifest(tmp_path, spm_vocab, c
     from prealign_jax.data import pipeline
 
     data_dir, path = _shard_dir(tmp_path, spm_vocab)
-    offset, length = _record_spans(path)[5]
-    with open(path, "r+b") as f:
-        f.seek(offset + length // 2)
-        byte = f.read(1)
-        f.seek(offset + length // 2)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    _flip_a_byte(path, 5)
     with pytest.raises(pipeline.DataError) as e:
         _read_documents(data_dir, "error")
     assert str(e.value) == (
@@ -294,12 +299,7 @@ def test_tools_reading_a_damaged_shard_name_it(tmp_path, spm_vocab, damage):
 
     data_dir, path = _shard_dir(tmp_path, spm_vocab, num_docs=9)
     if damage == "flip":
-        offset, length = _record_spans(path)[5]
-        with open(path, "r+b") as f:
-            f.seek(offset + length // 2)
-            byte = f.read(1)
-            f.seek(offset + length // 2)
-            f.write(bytes([byte[0] ^ 0xFF]))
+        _flip_a_byte(path, 5)
     else:
         _replace_record(data_dir, path, 5, b"not an Example")
     with pytest.raises(shards.ShardError, match=rf"^shard {re.escape(path)} record 5: "

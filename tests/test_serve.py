@@ -326,6 +326,10 @@ def test_a_client_that_goes_away_frees_its_row_and_sigterm_drains(run_dir):
     (["--api_key_file=/no/such/key"], "--api_key_file=/no/such/key: No such file"),
     (["--max_batch=0"], "--max_batch=0: must be >= 1"),
     (["--max_batch=3"], "--max_batch=3: must be a positive multiple of the mesh's 8"),
+    (["--port=99999"], "--port=99999: must be in [0, 65535]"),
+    (["--drain_timeout=nan"], "--drain_timeout=nan: must be a finite number"),
+    (["--drain_timeout=-5"], "--drain_timeout=-5.0: must be a finite number"),
+    (["--model_name= "], "--model_name: must not be empty"),
     ([], "cannot listen there"),
 ])
 def test_bad_serve_flags_are_one_line_errors(run_dir, capsys, flags, needle):
