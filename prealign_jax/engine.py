@@ -23,7 +23,6 @@ request ended or was cancelled (a client that went away frees its row at the nex
 from __future__ import annotations
 
 import dataclasses
-import math
 import queue
 import threading
 import time
@@ -434,7 +433,3 @@ class Engine:
                 if not r.cancelled:
                     r.on_done(self._states[int(out.state[row])])
 
-
-def occupancy(stats: Stats) -> float:
-    """Mean rows active per decode step."""
-    return stats.row_steps / stats.steps if stats.steps else math.nan
