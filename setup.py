@@ -29,15 +29,19 @@ setup(
         "seqio==0.0.20",
         "tensorflow==2.21.0",  # seqio's data pipeline; kept off accelerators
         "tensorflow-text==2.21.1",  # must match tensorflow: seqio imports it at load
-        "sentencepiece>=0.2.0,<0.3",
+        # 0.2.3's generated protos need protobuf >= 7, which apache-beam 2.77 refuses
+        "sentencepiece>=0.2.0,<0.2.3",
         "gin-config>=0.5.0,<0.6",
         "absl-py>=2.1,<3",
         "numpy>=2.0,<2.5",
-        "protobuf>=5.28,<8",
+        "protobuf>=5.28,<7",  # apache-beam 2.77 needs < 7, tensorflow 2.21 >= 6.31.1
         "tqdm>=4.66,<5",
         "matplotlib>=3.9,<4",
         "clu>=0.0.12,<0.0.13",  # the trainer's metric writers (prealign_jax/writers.py)
         "tensorboard>=2.21,<2.22",  # clu imports it for TensorBoard; the minor of tensorflow
+        # `prealign prepare` is a Beam pipeline (seqio's own caching engine): DirectRunner
+        # here, Dataflow / Flink / Spark at scale (`apache-beam[gcp]` for Dataflow).
+        "apache-beam>=2.77,<2.78",
     ],
     extras_require={
         # `prealign serve` (prealign_jax/serving): the ASGI stack and Prometheus metrics
