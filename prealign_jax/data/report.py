@@ -87,7 +87,13 @@ class _Kmv:
         self.total += total
         if len(self.mins) == self.k:
             hashes = hashes[hashes < self.mins[-1]]
-        self.mins = np.unique(np.concatenate([self.mins, hashes]))[:self.k]
+        # Insert the new values into the sorted sketch: a full np.unique per batch costs more
+        # than the hashing once the sketch is full and few values pass the threshold.
+        hashes = np.unique(hashes)[:self.k]
+        at = np.searchsorted(self.mins, hashes)
+        new = at == len(self.mins)
+        new[~new] = self.mins[at[~new]] != hashes[~new]
+        self.mins = np.insert(self.mins, at[new], hashes[new])[:self.k]
 
     def merge(self, other: "_Kmv") -> None:
         self.add(other.mins, other.total)
