@@ -103,6 +103,7 @@ class _Kmv:
         return len(self.mins) < self.k
 
     def distinct(self) -> float:
+        """Exact below k; else (k-1)/U_k, capped at the total (no more distinct than seen)."""
         if self.exact:
             return float(len(self.mins))
         return min((self.k - 1) / ((float(self.mins[-1]) + 1.0) / 2.0 ** 64), self.total)
