@@ -50,7 +50,7 @@ class IngestError(UserError):
 
 def read_documents(paths, mode: str = "human", tagged: bool = False,
                    bad_records: str = "error", label_fn=None) -> Iterator[records.Document]:
-    """Documents of the given sources, in order; `doc_id` is `<file name>:<line>`."""
+    """Documents of the given files, in order; `doc_id` is `<file name>:<line>`."""
     if mode not in INGEST_MODES:
         raise IngestError(f"--mode={mode}: use one of {INGEST_MODES}")
     skipped = 0
@@ -142,7 +142,8 @@ def _nodes_problem(nodes) -> str | None:
             if problem:
                 return problem
         elif not isinstance(node, (str, tags.Redacted)):
-            return f"a {type(node).__name__} node (nodes are str, tags.Span, tags.REDACTED)"
+            return (f"a node of type {type(node).__name__} (nodes are str, tags.Span and "
+                    "tags.REDACTED)")
     return None
 
 
@@ -329,7 +330,7 @@ def _tfds_records(source: str, data_dir: str | None = None) -> Iterator[Record]:
     features = builder.info.features
     if feature not in features:
         raise IngestError(f"--from_text {source}: no feature {feature!r} (its features: "
-                          f"{', '.join(features)}); name one as {source.split('#')[0]}"
+                          f"{', '.join(sorted(features))}); name one as {source.split('#')[0]}"
                           "#FEATURE")
     if features[feature].tf_dtype != tf.string or features[feature].shape != ():
         raise IngestError(f"--from_text {source}: feature {feature!r} is not a string")
