@@ -39,6 +39,7 @@ INGEST_MODES = ("human", "ai", "doc")
 _BLANK_LINES = re.compile(rb"\n[ \t\r]*\n")
 _TFDS_SOURCE = re.compile(r"tfds:(?P<name>[^:#]+)(?::(?P<version>[\d*]+\.[\d*]+\.[\d*]+))?"
                           r":(?P<split>[^#]+)(?:#(?P<feature>.+))?")
+_SPAN_MODES = tuple(m for m in modes.MODES if m != "doc")
 _PARQUET_BATCH_ROWS = 1024  # python objects held at once, whatever the row-group size
 
 Record = tuple[int, str, "str | None"]  # (record number, text, problem or None)
@@ -136,8 +137,8 @@ def _nodes_problem(nodes) -> str | None:
         return f"a {type(nodes).__name__}, not a list of str and tags.Span"
     for node in nodes:
         if isinstance(node, tags.Span):
-            if not isinstance(node.mode, str) or f"<{node.mode}>" not in modes.TAGS:
-                return f"a Span of mode {node.mode!r} (use one of {modes.MODES[1:]})"
+            if node.mode not in _SPAN_MODES:
+                return f"a Span of mode {node.mode!r} (use {', '.join(_SPAN_MODES)})"
             problem = _nodes_problem(node.children)
             if problem:
                 return problem
