@@ -1,5 +1,6 @@
-"""Raw-text ingest: splitting, JSONL, tag injection neutralised, tagged input validated,
-bad input records by policy; and the `prealign prepare --from_text` command."""
+"""Raw-text ingest: splitting, JSONL, Parquet, TFDS and gfile URLs, tag injection
+neutralised, tagged input validated, labelling functions, bad input records by policy; and
+the `prealign prepare --from_text` command."""
 
 import json
 import os
