@@ -59,7 +59,10 @@ def prepare_command(args) -> None:
     prepare.prepare(**{**bindings("prepare"), "workdir": args.workdir,
                        "from_text": tuple(args.from_text or ()), "mode": args.text_mode,
                        "tagged": args.tagged, "bad_records": args.bad_records,
-                       "tokenizer_file": args.tokenizer})
+                       "tokenizer_file": args.tokenizer, "label_fn": args.label_fn,
+                       "runner": args.runner,
+                       "direct_num_workers": args.direct_num_workers,
+                       "pipeline_options": args.pipeline_options})
 
 
 def register_data(data, workdir: str) -> None:
@@ -300,7 +303,10 @@ COMMANDS = {
         prepare_command,
         "generate/ingest the corpus, train the vocabulary, write shards + manifest",
         ((("--from_text",), dict(nargs="+", metavar="FILE", help="plain text (blank-line "
-                                 "separated documents) or JSONL with a 'text' field")),
+                                 "separated documents), JSONL or Parquet with a 'text' "
+                                 "field, or a TFDS split tfds:NAME:SPLIT; paths may be URLs")),
+         (("--label_fn",), dict(default=None, metavar="MODULE:FUNCTION", help="label raw "
+                                "text into spans with this function (data/labelling.py)")),
          (("--text_mode",), dict(default="human", choices=("human", "ai", "doc"),
                                  help="mode of the ingested text (default human)")),
          (("--tagged",), dict(action="store_true", help="--from_text is JSONL of tagged "
@@ -309,7 +315,12 @@ COMMANDS = {
                                    help="stop at a bad input record, or skip and log it")),
          (("--tokenizer",), dict(default=None, metavar="FILE", help="tokenize with this "
                                  "tokenizer.json (prealign import writes it) instead of "
-                                 "training SentencePiece"))),
+                                 "training SentencePiece")),
+         (("--runner",), dict(default="DirectRunner", help="the Beam runner: DirectRunner "
+                              "(default) here; DataflowRunner, FlinkRunner, SparkRunner at "
+                              "scale, their options after `--`")),
+         (("--direct_num_workers",), dict(type=int, default=1, help="DirectRunner worker "
+                                          "processes (default 1)"))),
         workdir="the data goes to <workdir>/data (or bind prepare.data_dir)"),
     "train": Command(train_command,
                      "train (or resume) a model: checkpoints, metrics and config in --workdir",
@@ -502,9 +513,15 @@ def main(argv: list[str], filter_stderr: bool = False) -> int:
     routine stderr lines for the rest of the process (the console script does; a caller
     that owns the process's stderr, e.g. a test, does not)."""
     try:
+        argv, pipeline_options = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) \
+            if "--" in argv else (argv, [])
         argv, bindings = split_gin_overrides(argv)
         parser = build_parser()
         args = parser.parse_args(argv)
+        if pipeline_options and args.command != "prepare":
+            raise UsageError(f"options after `--` ({' '.join(pipeline_options)}) are Beam "
+                             "pipeline options, which only `prealign prepare` takes")
+        args.pipeline_options = tuple(pipeline_options)
         if not args.command:
             parser.print_usage(sys.stderr)
             raise UsageError("no command given; choose one of " + ", ".join(COMMANDS))

@@ -11,9 +11,11 @@ the library, whose trainer takes the registered Mixture's name (`seqio_data.mixt
 One Task per record source present in the manifest (`<mixture>_synthetic_human`,
 `<mixture>_synthetic_ai`, `<mixture>_synthetic_quote`, `<mixture>_ingested`) and the Mixture
 `<mixture>` over them (default `prealign`; the experiment's baseline registers
-`prealign_untagged` with `tag_dropout=1` over the same data). Each Task reads its shards from the manifest's file list (a
-file-based source, so `seqio.ShardInfo` gives each host its own files), tokenizes and
-validates every record (bad-record policy) and appends EOS, then optionally drops tags.
+`prealign_untagged` with `tag_dropout=1` over the same data). Each Task reads its shards
+from the manifest's file list (a file-based source, so `seqio.ShardInfo` gives each host its
+own files): token ids that `prealign prepare` wrote in seqio's cache layout, EOS included,
+read without tokenizing again as a cached seqio Task reads its cache (bad-record policy for
+records that cannot be read); then it optionally drops tags.
 """
 
 from __future__ import annotations
@@ -104,8 +106,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
                 split_to_filepattern=splits, block_length=1,
                 num_input_examples={k: -(-v // preprocessors.BLOCK) for k, v in counts.items()}),
             preprocessors=[
-                functools.partial(preprocessors.tokenize_and_validate,
-                                  bad_records=bad_records),
+                functools.partial(preprocessors.examples, bad_records=bad_records),
                 functools.partial(preprocessors.tag_dropout, rate=tag_dropout),
             ],
             output_features=output_features,
