@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Callable, NamedTuple
 
-from prealign_jax import console
+from prealign_jax import console, fileio
 from prealign_jax.errors import UserError
 
 GIN_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -148,9 +148,9 @@ def sample_command(args) -> None:
     if args.num_samples < 1:
         raise UsageError(f"--num_samples={args.num_samples}: must be >= 1")
     sampling.check_seed(args.seed)
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise UsageError(f"--output={args.output}: the directory "
-                         f"{os.path.dirname(os.path.abspath(args.output))} does not exist")
+    out_dir = args.output and os.path.dirname(fileio.absolute(args.output))
+    if args.output and not fileio.gfile().isdir(out_dir):
+        raise UsageError(f"--output={args.output}: the directory {out_dir} does not exist")
     run = load_run(args)
     sampler = sampling.Sampler(run.model_cfg, run.params, run.vocab, policy, run.mesh, cfg)
     prompt = sampling.make_prompt(args.prompt, run.vocab, policy, mode=args.mode,
@@ -170,11 +170,10 @@ def sample_command(args) -> None:
         print(f"    modes: {inference.mode_runs(s.modes)}")
     print(", ".join(f"{n} {v}" for v, n in sorted(verdicts.items())))
     if args.output:
-        with open(args.output, "w") as f:
-            for s in samples:
-                f.write(json.dumps({**dataclasses.asdict(s), "policy": policy.name,
-                                    "mask": not args.no_mask,
-                                    "well_formed": inference.well_formed(s)}) + "\n")
+        fileio.atomic_write(args.output, "".join(
+            json.dumps({**dataclasses.asdict(s), "policy": policy.name,
+                        "mask": not args.no_mask,
+                        "well_formed": inference.well_formed(s)}) + "\n" for s in samples))
         print(f"wrote {len(samples)} samples to {args.output}")
 
 
@@ -203,7 +202,7 @@ def experiment_command(args) -> None:
         train_args=bindings("train", required=("model", "num_steps", "batch_size", "data")),
         register=functools.partial(tasks.register, **bindings("tasks.register")),
         evaluate_args=bindings("evaluate"), **bindings("experiment"))
-    with open(os.path.join(results["workdir"], experiment.REPORT)) as f:
+    with fileio.gfile().GFile(os.path.join(results["workdir"], experiment.REPORT)) as f:
         print(f.read())
 
 
@@ -267,8 +266,7 @@ def import_command(args) -> None:
         raise UsageError("prealign import needs --hf_dir=DIR (a Hugging Face Llama directory)")
     cfg = hf_import.import_checkpoint(args.hf_dir, args.workdir, args.data_dir,
                                       scan_layers=not args.no_scan_layers)
-    with open(os.path.join(args.workdir, MODEL_GIN), "w") as f:
-        f.write(model_gin(cfg, args.hf_dir))
+    fileio.atomic_write(os.path.join(args.workdir, MODEL_GIN), model_gin(cfg, args.hf_dir))
     data_dir = args.data_dir or os.path.join(args.workdir, "data")
     gin_file = os.path.join(args.workdir, MODEL_GIN)
     print(f"imported {args.hf_dir} into {args.workdir} (step 0: parameters alone; "

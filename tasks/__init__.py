@@ -21,10 +21,9 @@ records that cannot be read); then it optionally drops tags.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Mapping
 
-from prealign_jax import console, tf_cpu, vocab as vocab_lib
+from prealign_jax import console, fileio, tf_cpu, vocab as vocab_lib
 from prealign_jax.data import preprocessors, records, shards
 
 tf = tf_cpu.import_tf()
@@ -45,7 +44,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
     """Register the Tasks and Mixture `mixture` of `data_dir`; returns the mixture name.
 
     Args:
-      data_dir: a directory written by `prealign prepare`.
+      data_dir: a directory written by `prealign prepare` (a local path or a URL).
       rates: mixture rate per source (relative); sources not named default to their
         number of training documents in the manifest. Rate 0 leaves a source out.
       bad_records: 'error' (stop, naming shard and record) or 'skip' (drop and log).
@@ -61,8 +60,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
                                 f"{preprocessors.BAD_RECORD_POLICIES}")
     if not 0.0 <= tag_dropout <= 1.0:
         raise shards.ShardError(f"register.tag_dropout={tag_dropout} must be in [0, 1]")
-    if "://" not in data_dir:
-        data_dir = os.path.abspath(data_dir)
+    data_dir = fileio.absolute(data_dir)
     manifest = shards.read_manifest(data_dir)
     key = (data_dir, manifest.get("config_hash"), tuple(sorted((rates or {}).items())),
            bad_records, tag_dropout, shuffle_buffer_size)

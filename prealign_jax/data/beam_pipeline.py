@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 import apache_beam as beam
 import numpy as np
 
-from prealign_jax import modes, tf_cpu, vocab as vocab_lib
+from prealign_jax import fileio, modes, vocab as vocab_lib
 from prealign_jax.data import generator, ingest, records, report as report_lib, shards
 
 SCENARIOS_PER_UNIT = 2000
@@ -227,9 +227,8 @@ def _bad_summary(per_reason: Sequence[tuple]) -> dict:
 
 
 def write_json(path: str, obj) -> None:
-    tf = tf_cpu.import_tf()
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(path, "w") as f:
+    fileio.gfile().makedirs(os.path.dirname(path))
+    with fileio.gfile().GFile(path, "w") as f:
         json.dump(obj, f, sort_keys=True)
 
 

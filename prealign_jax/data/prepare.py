@@ -20,7 +20,7 @@ import re
 import time
 from typing import Iterator, Mapping, Sequence
 
-from prealign_jax import console, tf_cpu, vocab as vocab_lib
+from prealign_jax import console, fileio, vocab as vocab_lib
 from prealign_jax.data import beam_pipeline, generator, ingest, records, report, shards
 from prealign_jax.errors import UserError
 
@@ -83,7 +83,6 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
       pipeline_options: further Beam pipeline options, e.g. ('--project=P',
         '--region=R', '--temp_location=gs://B/tmp') for Dataflow.
     """
-    tf = tf_cpu.import_tf()
     if data_dir is None:
         if workdir is None:
             raise UserError("prepare needs a data dir: pass --workdir (data goes to "
@@ -104,19 +103,19 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
             or direct_num_workers < 1:
         raise UserError(f"--direct_num_workers={direct_num_workers!r}: give a positive "
                         "number of worker processes")
-    data_dir = _absolute(data_dir)
+    data_dir = fileio.absolute(data_dir)
     imported = os.path.join(data_dir, vocab_lib.TOKENIZER_FILE)
-    if tokenizer_file is None and tf.io.gfile.exists(imported):
+    if tokenizer_file is None and fileio.gfile().exists(imported):
         raise UserError(f"{data_dir} holds an imported tokenizer; prepare with it: "
                         f"--tokenizer={imported}")
-    if tokenizer_file is not None and not tf.io.gfile.exists(tokenizer_file):
+    if tokenizer_file is not None and not fileio.gfile().exists(tokenizer_file):
         raise UserError(f"--tokenizer={tokenizer_file}: no such file; `prealign import` "
                         "writes <data dir>/tokenizer.json")
     config = Config(num_scenarios, seed, vocab_size, vocab_documents, num_shards,
                     validation_fraction, mix or generator.Mix(),
-                    tuple(_absolute(p) if not p.startswith("tfds:") else p
+                    tuple(fileio.absolute(p) if not p.startswith("tfds:") else p
                           for p in from_text),
-                    mode, tagged, bad_records, tokenizer_file and _absolute(tokenizer_file),
+                    mode, tagged, bad_records, tokenizer_file and fileio.absolute(tokenizer_file),
                     label_fn)
     digest = config_hash(config)
     reason = _reuse_problem(data_dir, digest)
@@ -133,13 +132,7 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
     return data_dir
 
 
-def _absolute(path: str) -> str:
-    """A local path made absolute; a URL (scheme://...) as given."""
-    return path if "://" in path else os.path.abspath(path)
-
-
 def config_hash(config: Config) -> str:
-    tf = tf_cpu.import_tf()
     h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True,
                                   default=str).encode())
     here = os.path.dirname(os.path.abspath(__file__))
@@ -152,15 +145,14 @@ def config_hash(config: Config) -> str:
     for path in config.from_text + ((config.tokenizer_file,) if config.tokenizer_file else ()):
         if path.startswith("tfds:"):
             continue  # a TFDS dataset is named by its version
-        if not tf.io.gfile.exists(path):
+        if not fileio.gfile().exists(path):
             raise ingest.IngestError(f"--from_text {path}: no such file")
         h.update(shards.file_facts(path)["sha256"].encode())
     return h.hexdigest()
 
 
 def _reuse_problem(data_dir: str, digest: str) -> str | None:
-    tf = tf_cpu.import_tf()
-    if not tf.io.gfile.exists(os.path.join(data_dir, shards.MANIFEST)):
+    if not fileio.gfile().exists(os.path.join(data_dir, shards.MANIFEST)):
         return "no manifest yet"
     try:
         manifest = shards.read_manifest(data_dir)
@@ -172,7 +164,7 @@ def _reuse_problem(data_dir: str, digest: str) -> str | None:
     if problems:
         return problems[0]
     vocab = os.path.join(data_dir, manifest.get("vocab", {}).get("file", ""))
-    if not manifest.get("vocab") or not tf.io.gfile.exists(vocab):
+    if not manifest.get("vocab") or not fileio.gfile().exists(vocab):
         return "vocabulary missing"
     return None
 
@@ -194,10 +186,9 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    tf = tf_cpu.import_tf()
     build = f"build-{digest[:12]}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     build_dir = os.path.join(data_dir, build)
-    tf.io.gfile.makedirs(build_dir)
+    fileio.gfile().makedirs(build_dir)
     try:
         vocab_path = _vocabulary(config, build_dir)
         sp = vocab_lib.load_dir(build_dir)
@@ -218,7 +209,7 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
         entries = _read_json(os.path.join(parts, "shards.json"))
         bad = _read_json(os.path.join(parts, "bad.json"))
         corpus = _read_json(os.path.join(parts, "report.json"))
-        tf.io.gfile.rmtree(parts)
+        fileio.gfile().rmtree(parts)
         entries = _complete_shard_sets(build_dir, entries, config.num_shards)
         counts = _counts(entries)
         if not counts:
@@ -239,8 +230,8 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
                          "documents_per_s": round(documents / seconds, 1)}}
         shards.write_manifest(data_dir, manifest)
     except BaseException:
-        if tf.io.gfile.exists(build_dir):
-            tf.io.gfile.rmtree(build_dir)
+        if fileio.gfile().exists(build_dir):
+            fileio.gfile().rmtree(build_dir)
         raise
     _remove_old_builds(data_dir, build)
     console.say(f"prepare: wrote {data_dir} in {seconds:.1f}s "
@@ -255,10 +246,9 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
 def _vocabulary(config: Config, build_dir: str) -> str:
     """The build's vocabulary file: the imported tokenizer, or SentencePiece trained on the
     first `vocab_documents` documents."""
-    tf = tf_cpu.import_tf()
     if config.tokenizer_file:
         path = os.path.join(build_dir, vocab_lib.TOKENIZER_FILE)
-        tf.io.gfile.copy(config.tokenizer_file, path)
+        fileio.gfile().copy(config.tokenizer_file, path)
         return path
     # A list, not a generator: a bad input record raises here, as its one-line error, not
     # from inside SentencePiece's trainer (which would wrap it).
@@ -276,8 +266,7 @@ def _vocabulary(config: Config, build_dir: str) -> str:
 
 
 def _read_json(path: str):
-    tf = tf_cpu.import_tf()
-    with tf.io.gfile.GFile(path) as f:
+    with fileio.gfile().GFile(path) as f:
         return json.load(f)
 
 
@@ -317,7 +306,6 @@ def _write_seqio_files(build_dir: str, entries: list[dict], counts: dict) -> Non
     shard count), `stats.<split>.json` (examples and tokens) and `COMPLETED`."""
     import seqio
 
-    tf = tf_cpu.import_tf()
     features = {"targets": {"shape": [None], "dtype": "int32"},
                 **{k: {"shape": [], "dtype": "string"}
                    for k in ("text", "source", "doc_id", "situation")},
@@ -331,20 +319,19 @@ def _write_seqio_files(build_dir: str, entries: list[dict], counts: dict) -> Non
         beam_pipeline.write_json(os.path.join(build_dir, source, f"stats.{split}.json"), {
             "examples": c["documents"], "targets_tokens": c.get("tokens", 0)})
     for source in {k.split("/")[0] for k in counts}:
-        with tf.io.gfile.GFile(os.path.join(build_dir, source, "COMPLETED"), "w") as f:
+        with fileio.gfile().GFile(os.path.join(build_dir, source, "COMPLETED"), "w") as f:
             f.write("")
 
 
 def _remove_old_builds(data_dir: str, keep: str) -> None:
     """Earlier builds (and the flat layout of format 1), now that no manifest names them."""
-    tf = tf_cpu.import_tf()
-    for name in tf.io.gfile.listdir(data_dir):
+    for name in fileio.gfile().listdir(data_dir):
         name = name.rstrip("/")
         path = os.path.join(data_dir, name)
         if name.startswith("build-") and name != keep:
-            tf.io.gfile.rmtree(path)
+            fileio.gfile().rmtree(path)
         elif name in records.SOURCES or name == vocab_lib.VOCAB_FILE:
-            (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+            (fileio.gfile().rmtree if fileio.gfile().isdir(path) else fileio.gfile().remove)(path)
 
 
 def _totals(counts: Mapping[str, Mapping[str, int]]) -> dict:

@@ -10,7 +10,8 @@ Layout of a data dir (`prealign prepare` writes it; see `beam_pipeline.py`):
 
 A build is written in its own directory, which no reader opens until the manifest naming it
 is written (last, by rename): nothing half-written is ever read, on local disk or an object
-store. Readers take the file list from the manifest, never from a glob.
+store. Readers take the file list from the manifest, never from a glob. A data dir may be a
+URL (`gs://...`): every file here is read and written through `fileio`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import struct
 from typing import Iterable, Sequence
 
-from prealign_jax import tf_cpu
+from prealign_jax import fileio, tf_cpu
 from prealign_jax.data import records
 from prealign_jax.errors import UserError
 
@@ -36,7 +37,7 @@ class ShardError(UserError):
 def write_records(path: str, examples: Sequence[bytes]) -> None:
     """A TFRecord file of serialized examples (any URL `tf.io.gfile` knows)."""
     tf = tf_cpu.import_tf()
-    tf.io.gfile.makedirs(os.path.dirname(path))
+    fileio.gfile().makedirs(os.path.dirname(path))
     with tf.io.TFRecordWriter(path) as writer:
         for example in examples:
             writer.write(example)
@@ -44,40 +45,36 @@ def write_records(path: str, examples: Sequence[bytes]) -> None:
 
 def file_facts(path: str) -> dict:
     """The `bytes` and `sha256` a manifest records of a file."""
-    tf = tf_cpu.import_tf()
     h = hashlib.sha256()
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with fileio.gfile().GFile(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return {"bytes": tf.io.gfile.stat(path).length, "sha256": h.hexdigest()}
+    return {"bytes": fileio.gfile().stat(path).length, "sha256": h.hexdigest()}
 
 
 def sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fileio.gfile().GFile(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
 def write_manifest(data_dir: str, manifest: dict) -> None:
-    path = os.path.join(data_dir, MANIFEST)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": FORMAT_VERSION, **manifest}, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    fileio.atomic_write(os.path.join(data_dir, MANIFEST), json.dumps(
+        {"format": FORMAT_VERSION, **manifest}, indent=1, sort_keys=True) + "\n")
 
 
 def read_manifest(data_dir: str) -> dict:
+    gfile = fileio.gfile()
     path = os.path.join(data_dir, MANIFEST)
-    if not os.path.exists(path):
+    if not gfile.exists(path):
         raise ShardError(f"{path} does not exist: {data_dir} is not a prepared data dir; "
                          "run `prealign prepare` for it")
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
+        with gfile.GFile(path) as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError, tf_cpu.import_tf().errors.OpError) as e:
         raise ShardError(f"{path} is unreadable ({e}); rerun `prealign prepare`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format") if isinstance(manifest, dict) else None
@@ -125,8 +122,9 @@ def complete_records(path: str) -> tuple[int, bool]:
     Reads only the 12-byte record headers: a record is 8 bytes length, 4 bytes length CRC,
     the data and a 4-byte data CRC.
     """
-    size, count, pos = os.path.getsize(path), 0, 0
-    with open(path, "rb") as f:
+    gfile = fileio.gfile()
+    size, count, pos = gfile.stat(path).length, 0, 0
+    with gfile.GFile(path, "rb") as f:
         while pos < size:
             header = f.read(12)
             if len(header) < 12:
@@ -145,13 +143,13 @@ def check_shards(data_dir: str, manifest: dict, checksums: bool = False) -> list
 
     Cheap by default (existence and size); `checksums=True` also compares SHA-256.
     """
-    problems = []
+    gfile, problems = fileio.gfile(), []
     for s in manifest["shards"]:
         path = os.path.join(data_dir, s["file"])
-        if not os.path.exists(path):
+        if not gfile.exists(path):
             problems.append(f"shard {path} is missing")
             continue
-        size = os.path.getsize(path)
+        size = gfile.stat(path).length
         if size != s["bytes"]:
             good, partial = complete_records(path)
             what = (f"record {good} is truncated" if partial
