@@ -31,7 +31,7 @@ ERROR_MARKER = "prealign-data-error:"
 _REASONS = ("ok", "not a tf.train.Example with an int64 feature `targets`",
             "no tokens (`targets` is empty)")
 BLOCK = 128  # records per source element
-_TARGETS = {"targets": tf.io.RaggedFeature(tf.int64)}
+_TARGETS = {"targets": tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)}
 
 
 def read_records(filename, bad_records: str, num_records: Mapping[str, int]):
@@ -104,7 +104,7 @@ def _parse_block(index, serialized):
     def fill(got, targets):
         # Rows of the records that parsed, in order; the others are empty and unparsed.
         at = tf.cast(got - index[0], tf.int32)[:, None]
-        lengths = tf.scatter_nd(at, targets.row_lengths(), tf.shape(index, tf.int64))
+        lengths = tf.scatter_nd(at, targets.row_lengths(), tf.shape(index))
         return {"record": index, "parsed": tf.scatter_nd(at, tf.ones_like(got, tf.bool),
                                                          tf.shape(index)),
                 "targets": tf.RaggedTensor.from_row_lengths(targets.flat_values, lengths)}
