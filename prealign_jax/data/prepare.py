@@ -186,11 +186,15 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    gfile = fileio.gfile()
+    # Read before anything is written: a bad record in the sample leaves no trace.
+    texts = None if config.tokenizer_file else _vocabulary_sample(config)
     build = f"build-{digest[:12]}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     build_dir = os.path.join(data_dir, build)
-    fileio.gfile().makedirs(build_dir)
+    created = not gfile.exists(data_dir)
+    gfile.makedirs(build_dir)
     try:
-        vocab_path = _vocabulary(config, build_dir)
+        vocab_path = _vocabulary(config, texts, build_dir)
         sp = vocab_lib.load_dir(build_dir)
         console.say(f"prepare: running the Beam pipeline ({' '.join(options)})")
         start = time.perf_counter()
@@ -199,8 +203,8 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
                 beam_pipeline.build(pipeline, config.sources(), build_dir,
                                     config.num_shards, config.bad_records)
         except Exception as e:  # a runner wraps a worker's error in its own
-            found = re.search(re.escape(beam_pipeline.ERROR_MARKER) + r"(.*?\))(?: \[while|\\n|\n|'|$)",
-                              str(e))
+            found = re.search(re.escape(beam_pipeline.ERROR_MARKER)
+                              + r"(.*?\))(?: \[while|\\n|\n|'|$)", str(e))
             if found:
                 raise ingest.IngestError(found.group(1)) from None
             raise
@@ -209,7 +213,7 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
         entries = _read_json(os.path.join(parts, "shards.json"))
         bad = _read_json(os.path.join(parts, "bad.json"))
         corpus = _read_json(os.path.join(parts, "report.json"))
-        fileio.gfile().rmtree(parts)
+        gfile.rmtree(parts)
         entries = _complete_shard_sets(build_dir, entries, config.num_shards)
         counts = _counts(entries)
         if not counts:
@@ -230,8 +234,7 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
                          "documents_per_s": round(documents / seconds, 1)}}
         shards.write_manifest(data_dir, manifest)
     except BaseException:
-        if fileio.gfile().exists(build_dir):
-            fileio.gfile().rmtree(build_dir)
+        gfile.rmtree(data_dir if created else build_dir)
         raise
     _remove_old_builds(data_dir, build)
     console.say(f"prepare: wrote {data_dir} in {seconds:.1f}s "
@@ -243,15 +246,10 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
     console.say(report.format_report(corpus))
 
 
-def _vocabulary(config: Config, build_dir: str) -> str:
-    """The build's vocabulary file: the imported tokenizer, or SentencePiece trained on the
-    first `vocab_documents` documents."""
-    if config.tokenizer_file:
-        path = os.path.join(build_dir, vocab_lib.TOKENIZER_FILE)
-        fileio.gfile().copy(config.tokenizer_file, path)
-        return path
-    # A list, not a generator: a bad input record raises here, as its one-line error, not
-    # from inside SentencePiece's trainer (which would wrap it).
+def _vocabulary_sample(config: Config) -> list[str]:
+    """The first `vocab_documents` documents' texts. A list, not a generator: a bad input
+    record raises here, as its one-line error, not from inside SentencePiece's trainer
+    (which would wrap it)."""
     texts = [doc.text for doc in itertools.islice(sample_documents(config),
                                                   config.vocab_documents)]
     if not texts:
@@ -259,6 +257,16 @@ def _vocabulary(config: Config, build_dir: str) -> str:
         raise UserError(f"no documents to prepare: prepare.num_scenarios="
                         f"{config.num_scenarios} and --from_text {files} holds no "
                         "usable records; give text with documents or num_scenarios > 0")
+    return texts
+
+
+def _vocabulary(config: Config, texts: list[str] | None, build_dir: str) -> str:
+    """The build's vocabulary file: the imported tokenizer, or SentencePiece trained on the
+    sample."""
+    if config.tokenizer_file:
+        path = os.path.join(build_dir, vocab_lib.TOKENIZER_FILE)
+        fileio.gfile().copy(config.tokenizer_file, path)
+        return path
     console.say(f"prepare: training a {config.vocab_size}-piece vocabulary on "
                 f"{len(texts)} documents")
     return vocab_lib.train(texts, os.path.join(build_dir, vocab_lib.VOCAB_FILE),
@@ -325,13 +333,14 @@ def _write_seqio_files(build_dir: str, entries: list[dict], counts: dict) -> Non
 
 def _remove_old_builds(data_dir: str, keep: str) -> None:
     """Earlier builds (and the flat layout of format 1), now that no manifest names them."""
-    for name in fileio.gfile().listdir(data_dir):
+    gfile = fileio.gfile()
+    for name in gfile.listdir(data_dir):
         name = name.rstrip("/")
         path = os.path.join(data_dir, name)
-        if name.startswith("build-") and name != keep:
-            fileio.gfile().rmtree(path)
-        elif name in records.SOURCES or name == vocab_lib.VOCAB_FILE:
-            (fileio.gfile().rmtree if fileio.gfile().isdir(path) else fileio.gfile().remove)(path)
+        if (name.startswith("build-") and name != keep) or name in records.SOURCES:
+            gfile.rmtree(path)
+        elif name == vocab_lib.VOCAB_FILE:
+            gfile.remove(path)
 
 
 def _totals(counts: Mapping[str, Mapping[str, int]]) -> dict:

@@ -131,10 +131,10 @@ def examples(dataset, output_features, bad_records: str = "error"):
         if bad_records == "error":
             bad = reason != 0
             first = tf.gather(message, tf.argmax(tf.cast(bad, tf.int32)))
-            with tf.control_dependencies([tf.debugging.Assert(
-                    ~tf.reduce_any(bad), [ERROR_MARKER, first, "; rerun `prealign prepare` "
-                                          "(or bind tasks.register.bad_records='skip' to "
-                                          "drop and log such records)"])]):
+            with tf.control_dependencies([tf.debugging.Assert(~tf.reduce_any(bad), [
+                    ERROR_MARKER, tf.strings.join([
+                        first, "; rerun `prealign prepare` (or bind tasks.register."
+                        "bad_records='skip' to drop and log such records)"])])]):
                 return {"targets": tf.identity(targets)}
         return {"targets": targets, "reason": reason, "message": message}
 
