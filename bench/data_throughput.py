@@ -1,17 +1,22 @@
-"""Data pipeline throughput; prints one JSON object.
+"""Data plane throughput; prints one JSON object.
 
-    python bench/data_throughput.py [--data_dir D] [--train_tokens_per_s 20000]
+    python bench/data_throughput.py [--scenarios 24000] [--workers 1 2] [--data_dir D]
 
-- generator_chars_per_s: synthetic generator alone (tagged characters per second);
-- packed_tokens_per_s: our pipeline, shards -> validation -> tokenize -> conditional-token
-  converter -> packed batches (non-padding tokens per second, median of --repeats rounds
-  that alternate with the plain pipeline's);
+- prepare_docs_per_s: `prealign prepare`'s Beam pipeline on the DirectRunner, documents
+  per second of the pipeline run (the manifest's figure: from reading the sources to the
+  written shards, the vocabulary's training before it excluded), per worker count (1 runs
+  in the driver process, more in worker processes), and the speedup over 1 worker; the
+  corpus is the CPU demo's configuration (gin/data/cpu_demo.gin) with --scenarios;
+- packed_tokens_per_s: the training pipeline over the pre-tokenized shards, through the
+  seqio Mixture: cached shards -> conditional-token converter -> packed batches
+  (non-padding tokens per second, median of --repeats rounds that alternate with the plain
+  pipeline's);
 - plain_seqio_tokens_per_s: plain seqio over the same text and vocabulary, same run:
-  TextLine -> tokenize -> LMFeatureConverter(pack=True);
+  TextLine -> tokenize -> LMFeatureConverter(pack=True), for reference;
 - demo_consumption_ratio: packed_tokens_per_s / the CPU demo's training tokens/s
   (--train_tokens_per_s, default 20000: an assumed figure, not measured here).
 
-Without --data_dir the CPU demo corpus (gin/data/cpu_demo.gin) is prepared in a temp dir.
+Without --data_dir the reading benchmarks use the 1-worker prepare's data dir.
 """
 
 from __future__ import annotations
@@ -68,12 +73,12 @@ def plain_seqio_dataset(data_dir: str, text_dir: str, batch_size: int, length: i
     for s in manifest["shards"]:
         if s["split"] != "train":
             continue
-        path = os.path.join(text_dir, os.path.basename(s["file"]) + f".{s['source']}.txt")
+        path = os.path.join(text_dir, s["file"].replace("/", "_") + ".txt")
         with open(path, "w", encoding="utf-8") as f:
             for doc in shards.iter_documents([os.path.join(data_dir, s["file"])]):
                 f.write(doc.text.replace("\n", " ") + "\n")
         files.append(path)
-    vocab = vocab_lib.load(os.path.join(data_dir, "vocab.model"))
+    vocab = vocab_lib.load_dir(data_dir)
     name = "bench_plain_textline"
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
@@ -87,9 +92,33 @@ def plain_seqio_dataset(data_dir: str, text_dir: str, batch_size: int, length: i
                              batch_size=batch_size, verbose=False)
 
 
+def prepare_rates(root: str, scenarios: int, workers: list[int]) -> dict:
+    """Pipeline documents/s of `prealign prepare` per DirectRunner worker count; the data
+    dirs stay under `root` (`<root>/w<N>`)."""
+    from prealign_jax import main as cli
+    from prealign_jax.configurables import bindings
+    from prealign_jax.data import prepare, shards
+
+    cli.parse_gin(["data/cpu_demo.gin"], [f"prepare.num_scenarios={scenarios}"])
+    out = {}
+    for n in workers:
+        data_dir = prepare.prepare(**{**bindings("prepare"),
+                                      "data_dir": os.path.join(root, f"w{n}"),
+                                      "direct_num_workers": n})
+        manifest = shards.read_manifest(data_dir)
+        out[n] = {"docs_per_s": manifest["pipeline"]["documents_per_s"],
+                  "seconds": manifest["pipeline"]["seconds"],
+                  "documents": sum(t["documents"] for t in manifest["totals"].values())}
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir")
+    parser.add_argument("--data_dir", help="read this data dir (default: the 1-worker "
+                        "prepare's)")
+    parser.add_argument("--scenarios", type=int, default=24000,
+                        help="synthetic scenarios of each prepare run")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batches", type=int, default=150, help="timed batches per round")
@@ -104,22 +133,12 @@ def main(argv=None) -> None:
     from prealign_jax import tf_cpu
 
     tf = tf_cpu.import_tf()
-    from prealign_jax.data import generator, pipeline
+    from prealign_jax.data import pipeline
     from prealign_jax import tasks
 
-    start, chars = time.perf_counter(), 0
-    for doc in generator.generate(5000, seed=12345):
-        chars += len(doc.text)
-    generator_rate = chars / (time.perf_counter() - start)
-
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = args.data_dir
-        if data_dir is None:
-            from prealign_jax import main as cli
-            from prealign_jax.data import prepare
-
-            cli.parse_gin(["data/cpu_demo.gin"], [])
-            data_dir = prepare.prepare(data_dir=os.path.join(tmp, "data"))
+        prepared = prepare_rates(tmp, args.scenarios, sorted(set(args.workers)))
+        data_dir = args.data_dir or os.path.join(tmp, f"w{min(prepared)}")
         mixture = tasks.register(data_dir)
         ours = pipeline.get_dataset(mixture, "train", args.batch_size, args.length, seed=0)
         plain_ds = plain_seqio_dataset(data_dir, tmp, args.batch_size, args.length, seed=0)
@@ -127,14 +146,17 @@ def main(argv=None) -> None:
                           "plain": lambda: numpy_batches(plain_ds)},
                          args.batches, args.repeats, args.warmup)
         packed, plain = measured["ours"], measured["plain"]
+    one = prepared[min(prepared)]["docs_per_s"]
     print(json.dumps({
-        "generator_chars_per_s": round(generator_rate),
+        "prepare": {f"workers_{n}": r for n, r in prepared.items()},
+        "prepare_speedup": {f"workers_{n}": round(r["docs_per_s"] / one, 3)
+                            for n, r in prepared.items()},
         "packed_tokens_per_s": round(packed),
         "plain_seqio_tokens_per_s": round(plain),
         "packed_vs_plain": round(packed / plain, 3),
         "demo_consumption_ratio": round(packed / args.train_tokens_per_s, 1),
         "train_tokens_per_s_assumed": args.train_tokens_per_s,
-        "batch_size": args.batch_size, "length": args.length,
+        "scenarios": args.scenarios, "batch_size": args.batch_size, "length": args.length,
         "cpu_count": os.cpu_count(), "tf_version": tf.__version__,
     }))
 

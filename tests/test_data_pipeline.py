@@ -229,7 +229,7 @@ def test_bad_records_error_and_skip(toy_dir, spm_vocab, capfd):
     with pytest.raises(pipeline.DataError) as e:
         next(it)
     assert str(e.value) == (
-        f"shard {path} record 1: not a tf.train.Example with an int64 feature `targets` ; "
+        f"shard {path} record 1: not a tf.train.Example with an int64 feature `targets`; "
         "rerun `prealign prepare` (or bind tasks.register.bad_records='skip' to drop and log "
         "such records)")
 

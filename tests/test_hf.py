@@ -383,7 +383,7 @@ def test_lm_eval_runs_the_local_tasks_on_an_export(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     prepare.prepare(workdir=workdir, num_scenarios=300, vocab_size=512, vocab_documents=300,
                     validation_fraction=0.25, num_shards={"train": 1, "validation": 1})
-    vocab = vocab_lib.load(os.path.join(workdir, "data", vocab_lib.VOCAB_FILE))
+    vocab = vocab_lib.load_dir(os.path.join(workdir, "data"))
     make_run(workdir, dataclasses.replace(GQA_SCAN, max_len=1024), vocab)
     out = tmp_path / "hf"
     assert main.main(["export", f"--workdir={workdir}", f"--out={out}"]) == 0

@@ -21,7 +21,7 @@ import time
 from typing import Iterator, Mapping, Sequence
 
 from prealign_jax import console, fileio, vocab as vocab_lib
-from prealign_jax.data import beam_pipeline, generator, ingest, records, report, shards
+from prealign_jax.data import generator, ingest, records, shards
 from prealign_jax.errors import UserError
 
 SPLITS = ("train", "validation")
@@ -48,7 +48,10 @@ class Config:
     tokenizer_file: str | None = None
     label_fn: str | None = None
 
-    def sources(self) -> beam_pipeline.Sources:
+    def sources(self):
+        """What the pipeline reads (`beam_pipeline.Sources`)."""
+        from prealign_jax.data import beam_pipeline
+
         return beam_pipeline.Sources(self.num_scenarios, self.seed, self.mix, self.from_text,
                                      self.mode, self.tagged, self.validation_fraction,
                                      self.label_fn)
@@ -172,6 +175,8 @@ def _reuse_problem(data_dir: str, digest: str) -> str | None:
 def sample_documents(config: Config) -> Iterator[records.Document]:
     """The documents in input order, the bad-record policy applied (the vocabulary's
     sample, read by the driver before the pipeline runs)."""
+    from prealign_jax.data import beam_pipeline
+
     sources = config.sources()
     for unit in beam_pipeline.work_units(sources):
         for item in beam_pipeline.read_unit(unit, sources):
@@ -185,6 +190,8 @@ def sample_documents(config: Config) -> Iterator[records.Document]:
 def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> None:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
+
+    from prealign_jax.data import beam_pipeline, report
 
     gfile = fileio.gfile()
     # Read before anything is written: a bad record in the sample leaves no trace.
@@ -282,6 +289,8 @@ def _complete_shard_sets(build_dir: str, entries: list[dict],
                          num_shards: Mapping[str, int]) -> list[dict]:
     """Every shard of each (source, split) that has documents: a shard no document hashed
     to is written empty, so the set matches its `-of-N` names (seqio's layout)."""
+    from prealign_jax.data import beam_pipeline
+
     present = {(e["source"], e["split"]) for e in entries}
     have = {e["file"] for e in entries}
     build = os.path.basename(build_dir)
@@ -312,6 +321,8 @@ def _counts(entries: list[dict]) -> dict:
 def _write_seqio_files(build_dir: str, entries: list[dict], counts: dict) -> None:
     """seqio's cache files next to each source's shards: `info.<split>.json` (features and
     shard count), `stats.<split>.json` (examples and tokens) and `COMPLETED`."""
+    from prealign_jax.data import beam_pipeline
+
     import seqio
 
     features = {"targets": {"shape": [None], "dtype": "int32"},
