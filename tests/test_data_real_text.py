@@ -29,7 +29,7 @@ def _license_text() -> str:
 
 def test_real_text_with_injected_tags_through_the_pipeline(tmp_path):
     paragraphs = [p.strip() for p in re.split(r"\n[ \t\r]*\n", _license_text()) if p.strip()]
-    assert len(paragraphs) > 50
+    assert len(paragraphs) >= 40
     # every third paragraph carries a tag-like string, at its start, middle or end
     for i in range(0, len(paragraphs), 3):
         inject, p = INJECTED[i % len(INJECTED)], paragraphs[i]

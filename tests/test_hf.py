@@ -51,7 +51,7 @@ def make_run(workdir, cfg, vocab, seed=0):
     """A run directory as `prealign train` leaves it (run.json, a data dir with the
     vocabulary, an orbax checkpoint at step 3), its parameters saved sharded over fsdp."""
     data_dir = os.path.join(workdir, "data")
-    if not os.path.exists(os.path.join(data_dir, vocab_lib.VOCAB_FILE)):
+    if not os.path.exists(data_dir):  # else a prepared data dir, with its vocabulary
         os.makedirs(data_dir)
         shutil.copyfile(vocab.sentencepiece_model_file,
                         os.path.join(data_dir, vocab_lib.VOCAB_FILE))
