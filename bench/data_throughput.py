@@ -1,12 +1,14 @@
 """Data plane throughput; prints one JSON object.
 
-    python bench/data_throughput.py [--scenarios 24000] [--workers 1 2] [--data_dir D]
+    python bench/data_throughput.py [--scenarios 100000] [--data_dir D]
 
-- prepare_docs_per_s: `prealign prepare`'s Beam pipeline on the DirectRunner, documents
-  per second of the pipeline run (the manifest's figure: from reading the sources to the
-  written shards, the vocabulary's training before it excluded), per worker count (1 runs
-  in the driver process, more in worker processes), and the speedup over 1 worker; the
-  corpus is the CPU demo's configuration (gin/data/cpu_demo.gin) with --scenarios;
+- prepare: `prealign prepare`'s Beam pipeline on the DirectRunner, documents per second of
+  the pipeline run (the manifest's figure: from reading the sources to the committed
+  shards, the vocabulary's training before it excluded) in the driver process
+  (in_memory_1, the default for 1 worker) and in 1 and 2 worker processes
+  (multi_processing, which pays each worker's start-up and moves elements between
+  processes), and the speedups of 2 workers; the corpus is the CPU demo's configuration
+  (gin/data/cpu_demo.gin) with --scenarios;
 - packed_tokens_per_s: the training pipeline over the pre-tokenized shards, through the
   seqio Mixture: cached shards -> conditional-token converter -> packed batches
   (non-padding tokens per second, median of --repeats rounds that alternate with the plain
@@ -16,7 +18,7 @@
 - demo_consumption_ratio: packed_tokens_per_s / the CPU demo's training tokens/s
   (--train_tokens_per_s, default 20000: an assumed figure, not measured here).
 
-Without --data_dir the reading benchmarks use the 1-worker prepare's data dir.
+Without --data_dir the reading benchmarks use the in_memory_1 prepare's data dir.
 """
 
 from __future__ import annotations
@@ -92,23 +94,28 @@ def plain_seqio_dataset(data_dir: str, text_dir: str, batch_size: int, length: i
                              batch_size=batch_size, verbose=False)
 
 
-def prepare_rates(root: str, scenarios: int, workers: list[int]) -> dict:
-    """Pipeline documents/s of `prealign prepare` per DirectRunner worker count; the data
-    dirs stay under `root` (`<root>/w<N>`)."""
+RUNS = {"in_memory_1": (1, "in_memory"), "multi_processing_1": (1, "multi_processing"),
+        "multi_processing_2": (2, "multi_processing")}
+
+
+def prepare_rates(root: str, scenarios: int) -> dict:
+    """Pipeline documents/s of `prealign prepare` per DirectRunner mode and worker count;
+    the data dirs stay under `root`."""
     from prealign_jax import main as cli
     from prealign_jax.configurables import bindings
     from prealign_jax.data import prepare, shards
 
     cli.parse_gin(["data/cpu_demo.gin"], [f"prepare.num_scenarios={scenarios}"])
     out = {}
-    for n in workers:
+    for name, (workers, mode) in RUNS.items():
         data_dir = prepare.prepare(**{**bindings("prepare"),
-                                      "data_dir": os.path.join(root, f"w{n}"),
-                                      "direct_num_workers": n})
+                                      "data_dir": os.path.join(root, name),
+                                      "direct_num_workers": workers,
+                                      "pipeline_options": [f"--direct_running_mode={mode}"]})
         manifest = shards.read_manifest(data_dir)
-        out[n] = {"docs_per_s": manifest["pipeline"]["documents_per_s"],
-                  "seconds": manifest["pipeline"]["seconds"],
-                  "documents": sum(t["documents"] for t in manifest["totals"].values())}
+        out[name] = {"docs_per_s": manifest["pipeline"]["documents_per_s"],
+                     "seconds": manifest["pipeline"]["seconds"],
+                     "documents": sum(t["documents"] for t in manifest["totals"].values())}
     return out
 
 
@@ -116,9 +123,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", help="read this data dir (default: the 1-worker "
                         "prepare's)")
-    parser.add_argument("--scenarios", type=int, default=24000,
+    parser.add_argument("--scenarios", type=int, default=100000,
                         help="synthetic scenarios of each prepare run")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batches", type=int, default=150, help="timed batches per round")
@@ -137,8 +143,8 @@ def main(argv=None) -> None:
     from prealign_jax import tasks
 
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = prepare_rates(tmp, args.scenarios, sorted(set(args.workers)))
-        data_dir = args.data_dir or os.path.join(tmp, f"w{min(prepared)}")
+        prepared = prepare_rates(tmp, args.scenarios)
+        data_dir = args.data_dir or os.path.join(tmp, "in_memory_1")
         mixture = tasks.register(data_dir)
         ours = pipeline.get_dataset(mixture, "train", args.batch_size, args.length, seed=0)
         plain_ds = plain_seqio_dataset(data_dir, tmp, args.batch_size, args.length, seed=0)
@@ -146,11 +152,13 @@ def main(argv=None) -> None:
                           "plain": lambda: numpy_batches(plain_ds)},
                          args.batches, args.repeats, args.warmup)
         packed, plain = measured["ours"], measured["plain"]
-    one = prepared[min(prepared)]["docs_per_s"]
+    rate = {name: r["docs_per_s"] for name, r in prepared.items()}
     print(json.dumps({
-        "prepare": {f"workers_{n}": r for n, r in prepared.items()},
-        "prepare_speedup": {f"workers_{n}": round(r["docs_per_s"] / one, 3)
-                            for n, r in prepared.items()},
+        "prepare": prepared,
+        "prepare_2_workers_vs_1": round(rate["multi_processing_2"]
+                                        / rate["multi_processing_1"], 3),
+        "prepare_2_workers_vs_in_memory": round(rate["multi_processing_2"]
+                                                / rate["in_memory_1"], 3),
         "packed_tokens_per_s": round(packed),
         "plain_seqio_tokens_per_s": round(plain),
         "packed_vs_plain": round(packed / plain, 3),

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import os
 import zlib
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -84,16 +84,6 @@ def split_of(key: str, fraction: float) -> str:
     return "validation" if zlib.crc32(key.encode()) % 10_000 < fraction * 10_000 else "train"
 
 
-@dataclasses.dataclass(frozen=True)
-class Tokenized:
-    source: str
-    split: str
-    order: tuple  # (unit index, position in the unit): the record's place in the input
-    doc_id: str
-    example: bytes
-    counts: dict
-
-
 class Tokenizer:
     """Token ids + EOS of a document, checked by the grammar; modes per token.
 
@@ -142,26 +132,29 @@ class Tokenizer:
 
 
 class _Tokenize:
-    """The tokenize stage (a DoFn's body; see `build`)."""
+    """The tokenize stage (a DoFn's body; see `build`). Its outputs are plain tuples, which
+    Beam encodes without pickling: (shard key, (place in the input, example)); tagged
+    `counts` per `<source>/<split>`, `stats` for the report, `bad`."""
 
-    def __init__(self, vocab_dir: str, bad_records: str):
-        self.vocab_dir, self.bad_records = vocab_dir, bad_records
+    def __init__(self, vocab_dir: str, num_shards: dict, bad_records: str):
+        self.vocab_dir, self.num_shards, self.bad_records = (vocab_dir, dict(num_shards),
+                                                             bad_records)
         self._tokenizer = None
 
     def __call__(self, item):
-        import apache_beam as beam
-
         if self._tokenizer is None:
             self._tokenizer = Tokenizer(self.vocab_dir)
-        (unit_index, position), (doc, split) = item
+        order, (doc, split) = item
         got = self._tokenizer(doc)
         if isinstance(got, str):
             bad = ingest.BadRecord(doc.source, doc.doc_id, got)
             yield beam.pvalue.TaggedOutput("bad", raise_or_pass(bad, self.bad_records))
             return
         ids, counts = got
-        yield Tokenized(doc.source, split, (unit_index, position), doc.doc_id,
-                        records.to_example(doc, ids), counts)
+        shard = zlib.crc32(doc.doc_id.encode()) % self.num_shards[split]
+        yield (doc.source, split, shard), (order, records.to_example(doc, ids))
+        yield beam.pvalue.TaggedOutput("counts", (f"{doc.source}/{split}",
+                                                  {"documents": 1, **counts}))
         yield beam.pvalue.TaggedOutput("stats", report_lib.DocStats(
             doc.source, split, doc.situation, ids[:-1], {
                 k.split(".", 1)[1]: v for k, v in counts.items() if "." in k}))
@@ -173,30 +166,28 @@ def raise_or_pass(bad: ingest.BadRecord, bad_records: str) -> ingest.BadRecord:
     return bad
 
 
-def shard_key(t: Tokenized, num_shards: dict) -> tuple:
-    return (t.source, t.split, zlib.crc32(t.doc_id.encode()) % num_shards[t.split])
-
-
 def shard_file(source: str, split: str, index: int, count: int) -> str:
     """seqio's cache layout: `<task>/<split>.tfrecord-00000-of-00008`."""
     return f"{source}/{split}.tfrecord-{index:05d}-of-{count:05d}"
 
 
-def write_shard(build_dir: str, key: tuple, items: Sequence[Tokenized],
+def write_shard(build_dir: str, key: tuple, items: Sequence[tuple],
                 num_shards: dict) -> dict:
-    """Write one shard (records in input order); its manifest entry, with its counts."""
+    """Write one shard, its (place, example) items in input order; its manifest entry."""
     source, split, index = key
-    items = sorted(items, key=lambda t: t.order)
     name = shard_file(source, split, index, num_shards[split])
     path = os.path.join(build_dir, name)
-    shards.write_records(path, [t.example for t in items])
-    counts: dict = {"documents": len(items)}
-    for t in items:
-        for k, v in t.counts.items():
-            counts[k] = counts.get(k, 0) + v
+    shards.write_records(path, [example for _, example in sorted(items)])
     return {"file": f"{os.path.basename(build_dir)}/{name}", "source": source,
-            "split": split, "records": len(items), "counts": counts,
-            **shards.file_facts(path)}
+            "split": split, "records": len(items), **shards.file_facts(path)}
+
+
+def sum_counts(counts: Iterable[dict]) -> dict:
+    total: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 class _CountAndFirst(beam.CombineFn):
@@ -249,16 +240,19 @@ def build(pipeline, sources: Sources, build_dir: str, num_shards: dict,
     read_out = (pipeline | "Units" >> beam.Create(units) | "Spread" >> beam.Reshuffle()
                 | "Read" >> beam.FlatMap(read).with_outputs("bad", main="docs"))
     tokenized = (read_out.docs | "Tokenize" >> beam.FlatMap(
-        _Tokenize(build_dir, bad_records)).with_outputs(
-            "bad", "stats", main="examples"))
+        _Tokenize(build_dir, num_shards, bad_records)).with_outputs(
+            "bad", "counts", "stats", main="examples"))
     _ = (tokenized.examples
-         | "KeyByShard" >> beam.Map(lambda t: (shard_key(t, num_shards), t))
          | "GroupByShard" >> beam.GroupByKey()
          | "WriteShards" >> beam.MapTuple(
              lambda key, items: write_shard(build_dir, key, list(items), num_shards))
          | "ShardList" >> beam.combiners.ToList()
          | "WriteShardList" >> beam.Map(lambda e: write_json(
              os.path.join(parts, "shards.json"), sorted(e, key=lambda s: s["file"]))))
+    _ = (tokenized.counts | "SumCounts" >> beam.CombinePerKey(sum_counts)
+         | "CountList" >> beam.combiners.ToDict()
+         | "WriteCounts" >> beam.Map(lambda c: write_json(os.path.join(parts, "counts.json"),
+                                                          c)))
     _ = ((read_out.bad, tokenized.bad) | "AllBad" >> beam.Flatten()
          | "KeyByReason" >> beam.Map(lambda b: ((b.source, b.reason), b.location))
          | "CountBad" >> beam.CombinePerKey(_CountAndFirst())

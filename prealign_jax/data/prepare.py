@@ -127,10 +127,11 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
                     "shards intact)")
         return data_dir
     console.say(f"prepare: building {data_dir} ({reason})")
-    options = [f"--runner={runner}", *pipeline_options]
+    options = [f"--runner={runner}"]
     if runner == "DirectRunner":
         options += [f"--direct_num_workers={direct_num_workers}", "--direct_running_mode="
                     + ("multi_processing" if direct_num_workers > 1 else "in_memory")]
+    options += pipeline_options  # last: they override the defaults above
     _build(data_dir, config, digest, options)
     return data_dir
 
@@ -220,9 +221,10 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
         entries = _read_json(os.path.join(parts, "shards.json"))
         bad = _read_json(os.path.join(parts, "bad.json"))
         corpus = _read_json(os.path.join(parts, "report.json"))
+        counts = {k: dict(sorted(v.items())) for k, v in sorted(
+            _read_json(os.path.join(parts, "counts.json")).items())}
         gfile.rmtree(parts)
         entries = _complete_shard_sets(build_dir, entries, config.num_shards)
-        counts = _counts(entries)
         if not counts:
             raise UserError("no documents to prepare: every record was bad (see the log); "
                             "fix the inputs or pass other --from_text files")
@@ -233,8 +235,7 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
             "vocab": {"file": f"{build}/{os.path.basename(vocab_path)}",
                       "sha256": shards.file_facts(vocab_path)["sha256"],
                       "size": sp.vocab_size},
-            "shards": [{k: e[k] for k in ("file", "source", "split", "records", "bytes",
-                                          "sha256")} for e in entries],
+            "shards": entries,
             "counts": counts, "totals": _totals(counts), "bad_records": bad,
             "report": corpus,
             "pipeline": {"options": options, "seconds": round(seconds, 3),
@@ -302,20 +303,8 @@ def _complete_shard_sets(build_dir: str, entries: list[dict],
                 path = os.path.join(build_dir, name)
                 shards.write_records(path, [])
                 entries.append({"file": f"{build}/{name}", "source": source, "split": split,
-                                "records": 0, "counts": {"documents": 0},
-                                **shards.file_facts(path)})
+                                "records": 0, **shards.file_facts(path)})
     return sorted(entries, key=lambda e: e["file"])
-
-
-def _counts(entries: list[dict]) -> dict:
-    """Counts summed per `<source>/<split>`."""
-    counts: dict[str, dict[str, int]] = {}
-    for e in entries:
-        c = counts.setdefault(f"{e['source']}/{e['split']}", {})
-        for k, v in e["counts"].items():
-            c[k] = c.get(k, 0) + v
-    return {k: dict(sorted(v.items())) for k, v in sorted(counts.items())
-            if v.get("documents")}
 
 
 def _write_seqio_files(build_dir: str, entries: list[dict], counts: dict) -> None:
