@@ -14,7 +14,7 @@ import uuid
 import numpy as np
 import pytest
 
-from data_helpers import prepared_data_dir
+from data_helpers import SMALL, prepared_data_dir
 from prealign_jax import fileio, vocab, writers
 from prealign_jax.data import shards
 
@@ -135,13 +135,19 @@ def test_jsonl_writer_resumes_a_file_on_a_url():
         {"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 0.5}]
 
 
-def test_prepare_train_evaluate_with_the_data_and_reports_on_a_url(ram_data, tmp_path):
-    """The data dir (shards, manifest, vocabulary) is read from ram:// by seqio, the trainer
-    and the evaluation, which writes its report and plots there too."""
+def test_prepare_train_evaluate_with_the_data_and_reports_on_a_url(tmp_path):
+    """`prealign prepare` (its Beam pipeline, in this process) writes the data dir on
+    ram://; seqio, the trainer and the evaluation read it there, and the evaluation writes
+    its report and plots there too."""
     from prealign_jax import evaluation, inference, partitioning, tasks, train
     from prealign_jax import model as model_lib
-    from prealign_jax.data import feed
+    from prealign_jax.data import feed, prepare
 
+    ram_data = prepare.prepare(data_dir=ram_dir("data"), **dict(SMALL, num_scenarios=150))
+    manifest = shards.read_manifest(ram_data)
+    assert shards.check_shards(ram_data, manifest, checksums=True) == []
+    assert sorted(x.rstrip("/") for x in fileio.gfile().listdir(ram_data)) == sorted(
+        [manifest["build"], shards.MANIFEST])
     mixture = tasks.register(ram_data, mixture="urls_test")
     cfg = model_lib.ModelConfig(vocab_size=640, d_model=32, num_layers=2, num_heads=4,
                                 num_kv_heads=2, head_dim=None, mlp_dim=64, max_len=128)
