@@ -1,17 +1,24 @@
-"""Data pipeline throughput; prints one JSON object.
+"""Data plane throughput; prints one JSON object.
 
-    python bench/data_throughput.py [--data_dir D] [--train_tokens_per_s 20000]
+    python bench/data_throughput.py [--scenarios 100000] [--data_dir D]
 
-- generator_chars_per_s: synthetic generator alone (tagged characters per second);
-- packed_tokens_per_s: our pipeline, shards -> validation -> tokenize -> conditional-token
-  converter -> packed batches (non-padding tokens per second, median of --repeats rounds
-  that alternate with the plain pipeline's);
+- prepare: `prealign prepare`'s Beam pipeline on the DirectRunner, documents per second of
+  the pipeline run (the manifest's figure: from reading the sources to the committed
+  shards, the vocabulary's training before it excluded) in the driver process
+  (in_memory_1, the default for 1 worker) and in 1 and 2 worker processes
+  (multi_processing, which pays each worker's start-up and moves elements between
+  processes), and the speedups of 2 workers; the corpus is the CPU demo's configuration
+  (gin/data/cpu_demo.gin) with --scenarios;
+- packed_tokens_per_s: the training pipeline over the pre-tokenized shards, through the
+  seqio Mixture: cached shards -> conditional-token converter -> packed batches
+  (non-padding tokens per second, median of --repeats rounds that alternate with the plain
+  pipeline's);
 - plain_seqio_tokens_per_s: plain seqio over the same text and vocabulary, same run:
-  TextLine -> tokenize -> LMFeatureConverter(pack=True);
+  TextLine -> tokenize -> LMFeatureConverter(pack=True), for reference;
 - demo_consumption_ratio: packed_tokens_per_s / the CPU demo's training tokens/s
   (--train_tokens_per_s, default 20000: an assumed figure, not measured here).
 
-Without --data_dir the CPU demo corpus (gin/data/cpu_demo.gin) is prepared in a temp dir.
+Without --data_dir the reading benchmarks use the in_memory_1 prepare's data dir.
 """
 
 from __future__ import annotations
@@ -68,12 +75,12 @@ def plain_seqio_dataset(data_dir: str, text_dir: str, batch_size: int, length: i
     for s in manifest["shards"]:
         if s["split"] != "train":
             continue
-        path = os.path.join(text_dir, os.path.basename(s["file"]) + f".{s['source']}.txt")
+        path = os.path.join(text_dir, s["file"].replace("/", "_") + ".txt")
         with open(path, "w", encoding="utf-8") as f:
             for doc in shards.iter_documents([os.path.join(data_dir, s["file"])]):
                 f.write(doc.text.replace("\n", " ") + "\n")
         files.append(path)
-    vocab = vocab_lib.load(os.path.join(data_dir, "vocab.model"))
+    vocab = vocab_lib.load_dir(data_dir)
     name = "bench_plain_textline"
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
@@ -87,9 +94,37 @@ def plain_seqio_dataset(data_dir: str, text_dir: str, batch_size: int, length: i
                              batch_size=batch_size, verbose=False)
 
 
+RUNS = {"in_memory_1": (1, "in_memory"), "multi_processing_1": (1, "multi_processing"),
+        "multi_processing_2": (2, "multi_processing")}
+
+
+def prepare_rates(root: str, scenarios: int) -> dict:
+    """Pipeline documents/s of `prealign prepare` per DirectRunner mode and worker count;
+    the data dirs stay under `root`."""
+    from prealign_jax import main as cli
+    from prealign_jax.configurables import bindings
+    from prealign_jax.data import prepare, shards
+
+    cli.parse_gin(["data/cpu_demo.gin"], [f"prepare.num_scenarios={scenarios}"])
+    out = {}
+    for name, (workers, mode) in RUNS.items():
+        data_dir = prepare.prepare(**{**bindings("prepare"),
+                                      "data_dir": os.path.join(root, name),
+                                      "direct_num_workers": workers,
+                                      "pipeline_options": [f"--direct_running_mode={mode}"]})
+        manifest = shards.read_manifest(data_dir)
+        out[name] = {"docs_per_s": manifest["pipeline"]["documents_per_s"],
+                     "seconds": manifest["pipeline"]["seconds"],
+                     "documents": sum(t["documents"] for t in manifest["totals"].values())}
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir")
+    parser.add_argument("--data_dir", help="read this data dir (default: the 1-worker "
+                        "prepare's)")
+    parser.add_argument("--scenarios", type=int, default=100000,
+                        help="synthetic scenarios of each prepare run")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batches", type=int, default=150, help="timed batches per round")
@@ -104,22 +139,12 @@ def main(argv=None) -> None:
     from prealign_jax import tf_cpu
 
     tf = tf_cpu.import_tf()
-    from prealign_jax.data import generator, pipeline
+    from prealign_jax.data import pipeline
     from prealign_jax import tasks
 
-    start, chars = time.perf_counter(), 0
-    for doc in generator.generate(5000, seed=12345):
-        chars += len(doc.text)
-    generator_rate = chars / (time.perf_counter() - start)
-
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = args.data_dir
-        if data_dir is None:
-            from prealign_jax import main as cli
-            from prealign_jax.data import prepare
-
-            cli.parse_gin(["data/cpu_demo.gin"], [])
-            data_dir = prepare.prepare(data_dir=os.path.join(tmp, "data"))
+        prepared = prepare_rates(tmp, args.scenarios)
+        data_dir = args.data_dir or os.path.join(tmp, "in_memory_1")
         mixture = tasks.register(data_dir)
         ours = pipeline.get_dataset(mixture, "train", args.batch_size, args.length, seed=0)
         plain_ds = plain_seqio_dataset(data_dir, tmp, args.batch_size, args.length, seed=0)
@@ -127,14 +152,19 @@ def main(argv=None) -> None:
                           "plain": lambda: numpy_batches(plain_ds)},
                          args.batches, args.repeats, args.warmup)
         packed, plain = measured["ours"], measured["plain"]
+    rate = {name: r["docs_per_s"] for name, r in prepared.items()}
     print(json.dumps({
-        "generator_chars_per_s": round(generator_rate),
+        "prepare": prepared,
+        "prepare_2_workers_vs_1": round(rate["multi_processing_2"]
+                                        / rate["multi_processing_1"], 3),
+        "prepare_2_workers_vs_in_memory": round(rate["multi_processing_2"]
+                                                / rate["in_memory_1"], 3),
         "packed_tokens_per_s": round(packed),
         "plain_seqio_tokens_per_s": round(plain),
         "packed_vs_plain": round(packed / plain, 3),
         "demo_consumption_ratio": round(packed / args.train_tokens_per_s, 1),
         "train_tokens_per_s_assumed": args.train_tokens_per_s,
-        "batch_size": args.batch_size, "length": args.length,
+        "scenarios": args.scenarios, "batch_size": args.batch_size, "length": args.length,
         "cpu_count": os.cpu_count(), "tf_version": tf.__version__,
     }))
 

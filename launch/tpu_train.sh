@@ -11,8 +11,8 @@
 #
 # Gin: runs/pretrain.gin, then the mesh (default: meshes/tpu_<accelerator_type>.gin, else
 # meshes/fsdp.gin), then every --gin_file and --gin.X=Y given, in order; quotes and spaces
-# in overrides survive the ssh hop. The workdir (gs://BUCKET/PATH) is mounted with gcsfuse
-# at ~/gcs/BUCKET on every worker (metrics.jsonl is appended to: it needs a POSIX path).
+# in overrides survive the ssh hop. Every worker reads and writes the workdir
+# (gs://BUCKET/PATH: checkpoints, metrics, TensorBoard) and the data dir on GCS directly.
 # --dry_run prints every command (shell-quoted) instead of running it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -71,8 +71,6 @@ COMMIT=$(git -C "$ROOT" rev-parse --short=12 HEAD)
 if [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no)" ]; then
   echo "tpu_train.sh: warning: uncommitted changes are not shipped (commit $COMMIT is)" >&2
 fi
-BUCKET=${WORKDIR#gs://}; BUCKET=${BUCKET%%/*}
-RUN_DIR="gcs/$BUCKET/${WORKDIR#gs://"$BUCKET"/}"  # under $HOME on each worker
 ARCHIVE="prealign-$COMMIT.tar.gz"
 TPU_FLAGS=(--project="$PROJECT" --zone="$ZONE")
 on_workers() { run gcloud compute tpus tpu-vm ssh "$TPU" "${TPU_FLAGS[@]}" --worker="$1" \
@@ -104,22 +102,15 @@ setup+="; python3 -m pip install -q --user uv"
 setup+="; ~/.local/bin/uv venv -q --allow-existing --python 3.11 ~/prealign-venv"
 setup+="; ~/.local/bin/uv pip install -q --python ~/prealign-venv/bin/python"
 setup+=" -c ~/prealign/constraints.txt -e ~/prealign 'jax[tpu]==$JAX_VERSION'"
-setup+="; command -v gcsfuse >/dev/null || { curl -fsSL"
-setup+=" https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo gpg --batch --yes"
-setup+=" --dearmor -o /usr/share/keyrings/cloud.google.gpg && echo 'deb [signed-by="
-setup+="/usr/share/keyrings/cloud.google.gpg] https://packages.cloud.google.com/apt"
-setup+=" gcsfuse-'\$(lsb_release -cs)' main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list"
-setup+=" >/dev/null && sudo apt-get -qq update && sudo apt-get -qq install -y gcsfuse; }"
-setup+="; mkdir -p ~/gcs/$BUCKET; mountpoint -q ~/gcs/$BUCKET ||"
-setup+=" gcsfuse --implicit-dirs $BUCKET ~/gcs/$BUCKET"
 on_workers all "$setup"
 
 # Train on every worker in the background (survives the ssh session), then follow worker
 # 0's log until its process ends.
-# (only the gin arguments and the run path are quoted for the worker's shell: ~ and $HOME
-# must expand there, while a quote, space or $ in an override must arrive as typed)
-args=$(printf ' %q' --gin_file=runs/pretrain.gin --gin_file="$MESH" "${GIN_ARGS[@]}")
-train="\$HOME/prealign-venv/bin/prealign train --workdir=\$HOME/$(printf %q "$RUN_DIR")$args"
+# (only the arguments are quoted for the worker's shell: $HOME must expand there, while a
+# quote, space or $ in an override must arrive as typed)
+args=$(printf ' %q' --workdir="$WORKDIR" --gin_file=runs/pretrain.gin --gin_file="$MESH" \
+  "${GIN_ARGS[@]}")
+train="\$HOME/prealign-venv/bin/prealign train$args"
 on_workers all "cd ~/prealign && { nohup $train < /dev/null > ~/prealign-train.log 2>&1 & \
 echo \$! > ~/prealign-train.pid; }"
 on_workers 0 "tail --pid=\$(cat ~/prealign-train.pid) -n +1 -f ~/prealign-train.log"

@@ -35,7 +35,9 @@ NATIVE_NOISE = re.compile(
     r"|cache_dataset_ops\.cc:\d+\] The calling iterator did not fully read)"
     r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
     r"|normalizer\.cc\(\d+\) LOG\(INFO\) precompiled_charsmap is empty"
-    r"|\[Gloo\] Rank \d+ is connected)")
+    r"|\[Gloo\] Rank \d+ is connected"
+    # apache-beam's import-time note on an optional extra (apache-beam[gcp]) we do not use
+    r"|WARNING:root:apitools not found, and bigquery client libraries are not available)")
 
 
 def configure(verbosity: int = 1) -> None:

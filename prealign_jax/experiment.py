@@ -32,7 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from prealign_jax import console, evaluation, inference, model as model_lib, modes, train
+from prealign_jax import (console, evaluation, fileio, inference, model as model_lib, modes,
+                          train)
 from prealign_jax import vocab as vocab_lib
 from prealign_jax.data import feed, pipeline, prepare, redteam, shards
 from prealign_jax.errors import UserError
@@ -67,7 +68,7 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
       budget_batches: packed batches of each pipeline counted to match text tokens.
     """
     clock = console.Clock("experiment", minutes=True)
-    workdir = os.path.abspath(workdir)
+    workdir = fileio.absolute(workdir)
     data_dir = os.path.join(workdir, "data")
     seconds: dict[str, float] = {}
     if not isinstance(train_args.get("data"), feed.SeqioData):
@@ -142,8 +143,8 @@ def read_curve(run_dir: str) -> dict[str, list[float]]:
     text = evaluation.TEXT_GROUPS
     curve = {"tokens": [], "loss": [], "eval_tokens": [], "eval_loss": []}
     seen = 0.0
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
+    with fileio.gfile().GFile(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f.read().splitlines():
             m = json.loads(line)
             for prefix, xs, ys in (("", "tokens", "loss"), ("eval/", "eval_tokens",
                                                             "eval_loss")):
@@ -260,7 +261,7 @@ def table(results: dict) -> tuple[list[list[str]], dict[str, bool]]:
 def plot_report(results: dict, out_dir: str) -> list[str]:
     """training_curves.png, misaligned_rates.png and heldout_loss_by_mode.png."""
     plt = plots.pyplot()
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.gfile().makedirs(out_dir)
     colors = {"prealigned": "tab:blue", "baseline": "tab:orange"}
     paths = []
 
@@ -355,8 +356,7 @@ def write_report(workdir: str, results: dict) -> str:
         "Stage times (this invocation): " + ", ".join(
             f"{k} {v:.0f}s" for k, v in results["seconds"].items()) + ".", ""]
     path = os.path.join(workdir, REPORT)
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({**results, "targets_met": met}, f, indent=1)
+    fileio.atomic_write(path, "\n".join(lines))
+    fileio.atomic_write(os.path.join(workdir, "results.json"),
+                        json.dumps({**results, "targets_met": met}, indent=1))
     return path

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
-from prealign_jax import checkpointing, console
+from prealign_jax import checkpointing, console, fileio
 from prealign_jax.errors import TrainError
 
 
@@ -243,7 +242,7 @@ class Profile(Hook):
             return
         if run.step == self._start and not run.last:
             jax.block_until_ready(run.state)
-            os.makedirs(self._logdir, exist_ok=True)
+            fileio.gfile().makedirs(self._logdir)
             jax.profiler.start_trace(self._logdir, create_perfetto_trace=True)
             self._tracing = True
         elif run.step == self._stop and self._tracing:

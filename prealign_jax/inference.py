@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import orbax.checkpoint as ocp
 
-from prealign_jax import model as model_lib, partitioning, sampling, tags, train
+from prealign_jax import fileio, model as model_lib, partitioning, sampling, tags, train
 from prealign_jax import vocab as vocab_lib
 from prealign_jax.errors import UserError
 
@@ -46,9 +46,10 @@ def load_run(workdir: str, *, model_overrides: Mapping[str, Any] | None = None,
     weights, e.g. decode_chunk, attention; a shape field is refused) on `mesh` (default:
     every device on the data axis), with the vocabulary of `data_dir` (default: the
     run's)."""
-    directory = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
-        if os.path.isdir(directory) else []
+    gfile, directory = fileio.gfile(), os.path.join(workdir, "checkpoints")
+    # (on GCS, listdir names sub-directories with a trailing slash)
+    steps = sorted(int(d.rstrip("/")) for d in gfile.listdir(directory)
+                   if d.rstrip("/").isdigit()) if gfile.isdir(directory) else []
     if not steps:
         raise RunError(f"--workdir={workdir}: no checkpoint in {directory}; train first "
                        f"(prealign train --workdir={workdir})")
@@ -57,13 +58,13 @@ def load_run(workdir: str, *, model_overrides: Mapping[str, Any] | None = None,
                        f"{steps}")
     step = steps[-1] if step is None else step
     info_path = os.path.join(workdir, train.RUN_FILE)
-    try:
-        with open(info_path) as f:
-            info = json.load(f)
-        trained = model_lib.ModelConfig(**info["model"])
-    except FileNotFoundError:
+    if not gfile.exists(info_path):
         raise RunError(f"--workdir={workdir}: no {train.RUN_FILE}; is it a run directory "
-                       "written by prealign train?") from None
+                       "written by prealign train?")
+    try:
+        with gfile.GFile(info_path) as f:
+            info = json.loads(f.read())
+        trained = model_lib.ModelConfig(**info["model"])
     except (ValueError, KeyError, TypeError) as e:  # (ConfigError is a ValueError too)
         raise RunError(f"{info_path}: not a run record prealign train wrote ({e}); rerun "
                        "prealign train --workdir on it to rewrite it") from None

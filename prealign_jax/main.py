@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Callable, NamedTuple
 
-from prealign_jax import console
+from prealign_jax import console, fileio
 from prealign_jax.errors import UserError
 
 GIN_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -59,7 +59,10 @@ def prepare_command(args) -> None:
     prepare.prepare(**{**bindings("prepare"), "workdir": args.workdir,
                        "from_text": tuple(args.from_text or ()), "mode": args.text_mode,
                        "tagged": args.tagged, "bad_records": args.bad_records,
-                       "tokenizer_file": args.tokenizer})
+                       "tokenizer_file": args.tokenizer, "label_fn": args.label_fn,
+                       "runner": args.runner,
+                       "direct_num_workers": args.direct_num_workers,
+                       "pipeline_options": args.pipeline_options})
 
 
 def register_data(data, workdir: str) -> None:
@@ -145,9 +148,9 @@ def sample_command(args) -> None:
     if args.num_samples < 1:
         raise UsageError(f"--num_samples={args.num_samples}: must be >= 1")
     sampling.check_seed(args.seed)
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise UsageError(f"--output={args.output}: the directory "
-                         f"{os.path.dirname(os.path.abspath(args.output))} does not exist")
+    out_dir = args.output and os.path.dirname(fileio.absolute(args.output))
+    if args.output and not fileio.gfile().isdir(out_dir):
+        raise UsageError(f"--output={args.output}: the directory {out_dir} does not exist")
     run = load_run(args)
     sampler = sampling.Sampler(run.model_cfg, run.params, run.vocab, policy, run.mesh, cfg)
     prompt = sampling.make_prompt(args.prompt, run.vocab, policy, mode=args.mode,
@@ -167,11 +170,10 @@ def sample_command(args) -> None:
         print(f"    modes: {inference.mode_runs(s.modes)}")
     print(", ".join(f"{n} {v}" for v, n in sorted(verdicts.items())))
     if args.output:
-        with open(args.output, "w") as f:
-            for s in samples:
-                f.write(json.dumps({**dataclasses.asdict(s), "policy": policy.name,
-                                    "mask": not args.no_mask,
-                                    "well_formed": inference.well_formed(s)}) + "\n")
+        fileio.atomic_write(args.output, "".join(
+            json.dumps({**dataclasses.asdict(s), "policy": policy.name,
+                        "mask": not args.no_mask,
+                        "well_formed": inference.well_formed(s)}) + "\n" for s in samples))
         print(f"wrote {len(samples)} samples to {args.output}")
 
 
@@ -200,7 +202,7 @@ def experiment_command(args) -> None:
         train_args=bindings("train", required=("model", "num_steps", "batch_size", "data")),
         register=functools.partial(tasks.register, **bindings("tasks.register")),
         evaluate_args=bindings("evaluate"), **bindings("experiment"))
-    with open(os.path.join(results["workdir"], experiment.REPORT)) as f:
+    with fileio.gfile().GFile(os.path.join(results["workdir"], experiment.REPORT)) as f:
         print(f.read())
 
 
@@ -264,8 +266,7 @@ def import_command(args) -> None:
         raise UsageError("prealign import needs --hf_dir=DIR (a Hugging Face Llama directory)")
     cfg = hf_import.import_checkpoint(args.hf_dir, args.workdir, args.data_dir,
                                       scan_layers=not args.no_scan_layers)
-    with open(os.path.join(args.workdir, MODEL_GIN), "w") as f:
-        f.write(model_gin(cfg, args.hf_dir))
+    fileio.atomic_write(os.path.join(args.workdir, MODEL_GIN), model_gin(cfg, args.hf_dir))
     data_dir = args.data_dir or os.path.join(args.workdir, "data")
     gin_file = os.path.join(args.workdir, MODEL_GIN)
     print(f"imported {args.hf_dir} into {args.workdir} (step 0: parameters alone; "
@@ -300,7 +301,10 @@ COMMANDS = {
         prepare_command,
         "generate/ingest the corpus, train the vocabulary, write shards + manifest",
         ((("--from_text",), dict(nargs="+", metavar="FILE", help="plain text (blank-line "
-                                 "separated documents) or JSONL with a 'text' field")),
+                                 "separated documents), JSONL or Parquet with a 'text' "
+                                 "field, or a TFDS split tfds:NAME:SPLIT; paths may be URLs")),
+         (("--label_fn",), dict(default=None, metavar="MODULE:FUNCTION", help="label raw "
+                                "text into spans with this function (data/labelling.py)")),
          (("--text_mode",), dict(default="human", choices=("human", "ai", "doc"),
                                  help="mode of the ingested text (default human)")),
          (("--tagged",), dict(action="store_true", help="--from_text is JSONL of tagged "
@@ -309,7 +313,12 @@ COMMANDS = {
                                    help="stop at a bad input record, or skip and log it")),
          (("--tokenizer",), dict(default=None, metavar="FILE", help="tokenize with this "
                                  "tokenizer.json (prealign import writes it) instead of "
-                                 "training SentencePiece"))),
+                                 "training SentencePiece")),
+         (("--runner",), dict(default="DirectRunner", help="the Beam runner: DirectRunner "
+                              "(default) here; DataflowRunner, FlinkRunner, SparkRunner at "
+                              "scale, their options after `--`")),
+         (("--direct_num_workers",), dict(type=int, default=1, help="DirectRunner worker "
+                                          "processes (default 1)"))),
         workdir="the data goes to <workdir>/data (or bind prepare.data_dir)"),
     "train": Command(train_command,
                      "train (or resume) a model: checkpoints, metrics and config in --workdir",
@@ -502,9 +511,15 @@ def main(argv: list[str], filter_stderr: bool = False) -> int:
     routine stderr lines for the rest of the process (the console script does; a caller
     that owns the process's stderr, e.g. a test, does not)."""
     try:
+        argv, pipeline_options = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) \
+            if "--" in argv else (argv, [])
         argv, bindings = split_gin_overrides(argv)
         parser = build_parser()
         args = parser.parse_args(argv)
+        if pipeline_options and args.command != "prepare":
+            raise UsageError(f"options after `--` ({' '.join(pipeline_options)}) are Beam "
+                             "pipeline options, which only `prealign prepare` takes")
+        args.pipeline_options = tuple(pipeline_options)
         if not args.command:
             parser.print_usage(sys.stderr)
             raise UsageError("no command given; choose one of " + ", ".join(COMMANDS))

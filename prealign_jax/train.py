@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prealign_jax import checkpointing, console, modes, multihost, partitioning, vocab, writers
+from prealign_jax import (checkpointing, console, fileio, modes, multihost, partitioning,
+                          vocab, writers)
 from prealign_jax import hooks as hooks_lib
 from prealign_jax import model as model_lib
 from prealign_jax.data import feed
@@ -303,7 +304,7 @@ def train(workdir: str, *,
     device_mesh = mesh.make()
     console.say(multihost.describe(device_mesh))
     _check_batch(batch_size, accum_steps, device_mesh)
-    os.makedirs(workdir, exist_ok=True)
+    fileio.gfile().makedirs(workdir)
     sources = data(workdir, batch_size, seq_len, seed)
     token_class = vocab.model_token_classes(sources.token_class, model.vocab_size)
     steps = Steps(model, make_optimizer(optimizer, num_steps),
@@ -349,10 +350,13 @@ def _check_same_model(workdir: str, model: model_lib.ModelConfig, checkpoint) ->
     """A resume with another shape of model is refused, naming the binding (run.json holds
     the model the checkpoints were saved with; the checkpoint's array shapes are checked
     too, for runs without it)."""
+    gfile, path = fileio.gfile(), os.path.join(workdir, RUN_FILE)
+    if not gfile.exists(path):  # a run from before run.json: the shapes are checked
+        return
     try:
-        with open(os.path.join(workdir, RUN_FILE)) as f:
-            saved = model_lib.ModelConfig(**json.load(f)["model"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):  # no usable record
+        with gfile.GFile(path) as f:
+            saved = model_lib.ModelConfig(**json.loads(f.read())["model"])
+    except (ValueError, KeyError, TypeError):  # no usable record
         return
     changed = model_lib.weight_changes(saved, model)
     if changed:
@@ -386,8 +390,7 @@ def _loop(workdir: str, steps: Steps, sources: feed.DataSources, *, num_steps: i
             state = steps.init(jax.random.key(seed))
         if jax.process_index() == 0:  # only now: a refused resume keeps the run's own
             for name, text in run_files.items():
-                with open(os.path.join(workdir, name), "w") as f:
-                    f.write(text)
+                fileio.atomic_write(os.path.join(workdir, name), text)
         if start >= num_steps:
             console.say(f"{ckpt.directory}/{start} is at or past train.num_steps={num_steps}; "
                         "nothing to train")

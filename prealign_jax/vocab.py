@@ -3,7 +3,8 @@ trained by `prealign prepare`, or an open model's tokenizer brought in by `preal
 
 A prepared data dir holds exactly one of them, and its file name says which: `vocab.model`
 (SentencePiece, `load`) or `tokenizer.json` (a Hugging Face `tokenizers` file in the run's
-id layout, `TokenizerVocabulary`); `load_dir` reads either.
+id layout, `TokenizerVocabulary`); `load_dir` reads either, or the one its manifest names
+(possibly in a build sub-directory). Paths may be URLs (`fileio`).
 
 Conventions (tested in tests/test_vocab.py; the imported tokenizer keeps the ids, the tag
 matching and the escaping guarantee, tests/test_hf_import.py):
@@ -26,12 +27,13 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from prealign_jax import modes, tags, tf_cpu
+from prealign_jax import fileio, modes, tags, tf_cpu
 from prealign_jax.errors import UserError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -66,11 +68,8 @@ def train(texts: Iterable[str], model_path: str, vocab_size: int,
         max_sentence_length=max_sentence_length, hard_vocab_limit=False,
         num_threads=1,  # deterministic: same texts -> same model bytes
         minloglevel=2)
-    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-    tmp = f"{model_path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(proto.getvalue())
-    os.replace(tmp, model_path)
+    fileio.gfile().makedirs(os.path.dirname(fileio.absolute(model_path)))
+    fileio.atomic_write(model_path, proto.getvalue())
     return model_path
 
 
@@ -81,12 +80,9 @@ def load(model_path: str):
     tf_cpu.import_tf()
     import seqio
 
-    if not os.path.exists(model_path):
-        raise VocabError(f"vocabulary {model_path} does not exist; build it with "
-                         "`prealign prepare` or point the gin binding at the right file")
     sp = spm.SentencePieceProcessor()
     try:
-        sp.Load(model_path)
+        sp.LoadFromSerializedProto(_read(model_path))
     except (OSError, RuntimeError) as e:
         raise VocabError(f"vocabulary {model_path} is not a SentencePiece model ({e}); "
                          "rebuild it with `prealign prepare`") from None
@@ -103,9 +99,21 @@ def load(model_path: str):
 
 
 def load_dir(data_dir: str):
-    """The vocabulary of a prepared data dir: its `vocab.model` or its `tokenizer.json`."""
+    """The vocabulary of a prepared data dir: the file its manifest names
+    (`manifest["vocab"]["file"]`, relative to the data dir, e.g. in a build sub-directory:
+    `.model` SentencePiece, `.json` tokenizers); without one, its `vocab.model` or its
+    `tokenizer.json`."""
+    gfile = fileio.gfile()
+    named = _manifest_vocab(data_dir)
+    if named is not None:
+        path = os.path.join(data_dir, named)
+        if not named.endswith((".model", ".json")):
+            raise VocabError(f"{os.path.join(data_dir, 'manifest.json')} names the "
+                             f"vocabulary {named!r}, neither a .model (SentencePiece) nor "
+                             "a .json (tokenizers) file; rerun `prealign prepare`")
+        return load(path) if named.endswith(".model") else _tokenizer_vocabulary_class()(path)
     found = [name for name in (VOCAB_FILE, TOKENIZER_FILE)
-             if os.path.exists(os.path.join(data_dir, name))]
+             if gfile.exists(os.path.join(data_dir, name))]
     if len(found) > 1:
         raise VocabError(f"{data_dir} holds both {VOCAB_FILE} and {TOKENIZER_FILE}; a data "
                          "dir has one vocabulary: remove the one its shards were not "
@@ -116,6 +124,30 @@ def load_dir(data_dir: str):
                          "`prealign import`) or point the gin binding at the right data dir")
     path = os.path.join(data_dir, found[0])
     return load(path) if found[0] == VOCAB_FILE else _tokenizer_vocabulary_class()(path)
+
+
+def _manifest_vocab(data_dir: str) -> str | None:
+    """The vocabulary file the data dir's manifest.json names, if it names one. Read here,
+    not by `data.shards.read_manifest`, so that a vocabulary loads whatever the state of
+    the shards (their reader reports that); an unreadable manifest names none."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not fileio.gfile().exists(path):
+        return None
+    try:
+        named = json.loads(_read(path))["vocab"]["file"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return named if isinstance(named, str) and named else None
+
+
+def _read(path: str) -> bytes:
+    """The bytes of the vocabulary file `path`, or a VocabError saying it is missing."""
+    gfile = fileio.gfile()
+    if not gfile.exists(path):
+        raise VocabError(f"vocabulary {path} does not exist; build it with "
+                         "`prealign prepare` or point the gin binding at the right file")
+    with gfile.GFile(path, "rb") as f:
+        return f.read()
 
 
 def __getattr__(name: str):
@@ -146,8 +178,9 @@ def _tokenizer_vocabulary_class():
             except ImportError:
                 raise VocabError(f"vocabulary {path} is a Hugging Face tokenizer: pip install "
                                  "'prealign-jax[hf]'") from None
+            data = _read(path).decode("utf-8", "replace")
             try:
-                self.tokenizer = Tokenizer.from_file(path)
+                self.tokenizer = Tokenizer.from_str(data)
             except Exception as e:  # (the Rust library raises a bare Exception)
                 raise VocabError(f"vocabulary {path} is not a tokenizers file ({e}); write it "
                                  "with `prealign import`") from None

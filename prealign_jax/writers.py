@@ -8,6 +8,7 @@ Only process 0 writes. Resume: records after the restored step (written by the i
 run, about to be recomputed) are dropped from metrics.jsonl, so each step appears there
 once. TensorBoard keeps them: TF's summary writer has no purge step, so its curves show the
 recomputed steps twice (the same values, the run being exact); metrics.jsonl is the record.
+Both go through TF's file layer, so the workdir may be a URL (`gs://...`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Mapping
 
 import jax
 
-from prealign_jax import tf_cpu
+from prealign_jax import fileio, tf_cpu
 from prealign_jax.errors import TrainError
 
 tf_cpu.import_tf()  # clu's summary writer imports TensorFlow: keep it off accelerators
@@ -72,20 +73,20 @@ class ScalarWriter(metric_writers.MetricWriter):
 class JsonlWriter(ScalarWriter):
     """Appends `{"step": s, name: value, ...}` lines to `path`, opened per write, so a killed
     run leaves every line it wrote. Created with the restored step, it first drops the
-    lines of later steps (and a line torn by a kill mid-write)."""
+    lines of later steps (and a line torn by a kill mid-write). `path` may be a URL
+    (`fileio`; on GCS an append rewrites the object, a cost of one small file per log)."""
 
     def __init__(self, path: str, start_step: int):
-        self._path = path
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f
+        self._path, self._gfile = path, fileio.gfile()
+        if self._gfile.exists(path):
+            with self._gfile.GFile(path) as f:
+                kept = [line for line in f.read().splitlines(keepends=True)
                         if (step := _step_of(line)) is not None and step <= start_step]
-            with open(path, "w") as f:
-                f.writelines(kept)
+            fileio.atomic_write(path, "".join(kept))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with open(self._path, "a") as f:
+        with self._gfile.GFile(self._path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -106,8 +107,9 @@ class WandbWriter(ScalarWriter):
         except ImportError:
             raise TrainError(f"train.wandb_project={project!r} needs the wandb package "
                              "(pip install wandb), or set it to None") from None
-        self._run = wandb.init(project=project, dir=workdir,
-                               name=os.path.basename(os.path.abspath(workdir)))
+        # (W&B keeps its files in a local directory: a workdir URL leaves it the default)
+        self._run = wandb.init(project=project, dir=None if "://" in workdir else workdir,
+                               name=os.path.basename(fileio.absolute(workdir).rstrip("/")))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         self._run.log({k: float(v) for k, v in scalars.items()}, step=int(step))

@@ -11,18 +11,19 @@ the library, whose trainer takes the registered Mixture's name (`seqio_data.mixt
 One Task per record source present in the manifest (`<mixture>_synthetic_human`,
 `<mixture>_synthetic_ai`, `<mixture>_synthetic_quote`, `<mixture>_ingested`) and the Mixture
 `<mixture>` over them (default `prealign`; the experiment's baseline registers
-`prealign_untagged` with `tag_dropout=1` over the same data). Each Task reads its shards from the manifest's file list (a
-file-based source, so `seqio.ShardInfo` gives each host its own files), tokenizes and
-validates every record (bad-record policy) and appends EOS, then optionally drops tags.
+`prealign_untagged` with `tag_dropout=1` over the same data). Each Task reads its shards
+from the manifest's file list (a file-based source, so `seqio.ShardInfo` gives each host its
+own files): token ids that `prealign prepare` wrote in seqio's cache layout, EOS included,
+read without tokenizing again as a cached seqio Task reads its cache (bad-record policy for
+records that cannot be read); then it optionally drops tags.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Mapping
 
-from prealign_jax import console, tf_cpu, vocab as vocab_lib
+from prealign_jax import console, fileio, tf_cpu, vocab as vocab_lib
 from prealign_jax.data import preprocessors, records, shards
 
 tf = tf_cpu.import_tf()
@@ -43,7 +44,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
     """Register the Tasks and Mixture `mixture` of `data_dir`; returns the mixture name.
 
     Args:
-      data_dir: a directory written by `prealign prepare`.
+      data_dir: a directory written by `prealign prepare` (a local path or a URL).
       rates: mixture rate per source (relative); sources not named default to their
         number of training documents in the manifest. Rate 0 leaves a source out.
       bad_records: 'error' (stop, naming shard and record) or 'skip' (drop and log).
@@ -59,8 +60,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
                                 f"{preprocessors.BAD_RECORD_POLICIES}")
     if not 0.0 <= tag_dropout <= 1.0:
         raise shards.ShardError(f"register.tag_dropout={tag_dropout} must be in [0, 1]")
-    if "://" not in data_dir:
-        data_dir = os.path.abspath(data_dir)
+    data_dir = fileio.absolute(data_dir)
     manifest = shards.read_manifest(data_dir)
     key = (data_dir, manifest.get("config_hash"), tuple(sorted((rates or {}).items())),
            bad_records, tag_dropout, shuffle_buffer_size)
@@ -104,8 +104,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
                 split_to_filepattern=splits, block_length=1,
                 num_input_examples={k: -(-v // preprocessors.BLOCK) for k, v in counts.items()}),
             preprocessors=[
-                functools.partial(preprocessors.tokenize_and_validate,
-                                  bad_records=bad_records),
+                functools.partial(preprocessors.examples, bad_records=bad_records),
                 functools.partial(preprocessors.tag_dropout, rate=tag_dropout),
             ],
             output_features=output_features,

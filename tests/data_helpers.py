@@ -4,7 +4,7 @@ import functools
 import os
 import tempfile
 
-from prealign_jax.data import records, shards
+from prealign_jax.data import beam_pipeline, records, shards
 
 SMALL = dict(num_scenarios=400, seed=0, vocab_size=600, vocab_documents=400,
              num_shards={"train": 4, "validation": 2}, validation_fraction=0.1)
@@ -22,24 +22,40 @@ def prepared_data_dir() -> str:
 def write_data_dir(data_dir: str, docs_by_source: dict, vocab_path: str,
                    num_shards: int = 1) -> dict:
     """A data dir with the given documents (texts) per source, all in 'train' (and one
-    validation document each), sharing an existing vocabulary file."""
+    validation document each), sharing an existing vocabulary file: tokenized here as
+    `prealign prepare` would, but without its grammar check, so tests can hand the reader
+    documents prepare would refuse."""
     import shutil
+
+    import sentencepiece as spm
 
     os.makedirs(data_dir, exist_ok=True)
     shutil.copy(vocab_path, os.path.join(data_dir, "vocab.model"))
-    with shards.ShardWriter(data_dir, {"train": num_shards, "validation": 1}) as w:
-        for source, texts in docs_by_source.items():
-            for i, text in enumerate(texts):
-                w.write(records.Document(text, source, f"{source}-{i}"), "train")
-            w.write(records.Document(texts[0], source, f"{source}-v"), "validation")
-        manifest = w.close()
-    shards.write_manifest(data_dir, {"config_hash": f"handmade-{id(docs_by_source)}",
-                                     **manifest})
+    sp = spm.SentencePieceProcessor(model_file=vocab_path)
+    entries, counts = [], {}
+    for source, texts in docs_by_source.items():
+        docs = {"train": [records.Document(t, source, f"{source}-{i}")
+                          for i, t in enumerate(texts)],
+                "validation": [records.Document(texts[0], source, f"{source}-v")]}
+        for split, split_docs in docs.items():
+            n = num_shards if split == "train" else 1
+            for i in range(n):
+                name = beam_pipeline.shard_file(source, split, i, n)
+                mine = split_docs[i::n]
+                shards.write_records(os.path.join(data_dir, name), [
+                    records.to_example(d, sp.encode(d.text) + [sp.eos_id()]) for d in mine])
+                entries.append({"file": name, "source": source, "split": split,
+                                "records": len(mine),
+                                **shards.file_facts(os.path.join(data_dir, name))})
+            counts[f"{source}/{split}"] = {"documents": len(split_docs)}
+    manifest = {"config_hash": f"handmade-{id(docs_by_source)}", "shards": entries,
+                "counts": counts, "vocab": {"file": "vocab.model"}}
+    shards.write_manifest(data_dir, manifest)
     return manifest
 
 
 def raw_records_writer(path: str, texts_bytes: list) -> None:
-    """A shard whose `text` features are arbitrary bytes (e.g. invalid UTF-8)."""
+    """A shard of Examples holding only a `text` feature of arbitrary bytes (no `targets`)."""
     from prealign_jax import tf_cpu
 
     tf = tf_cpu.import_tf()

@@ -253,9 +253,12 @@ def _int_text_example() -> bytes:
         int64_list=tf.train.Int64List(value=[7]))})).SerializeToString()
 
 
-@pytest.mark.parametrize("raw", [b"<human>not an Example</human>", _int_text_example()],
-                         ids=["bytes", "int_text"])
-def test_a_record_that_is_not_an_example_is_named(tmp_path, spm_vocab, capfd, raw):
+@pytest.mark.parametrize("raw, why", [
+    (b"<human>not an Example</human>", "not a tf.train.Example with an int64 feature "
+     "`targets`"),
+    (_int_text_example(), "no tokens (`targets` is empty)"),
+], ids=["bytes", "int_text"])
+def test_a_record_that_is_not_an_example_is_named(tmp_path, spm_vocab, capfd, raw, why):
     """`error` stops naming shard and record; `skip` logs it and trains on the other 88."""
     from prealign_jax.data import pipeline
 
@@ -264,12 +267,12 @@ def test_a_record_that_is_not_an_example_is_named(tmp_path, spm_vocab, capfd, ra
     with pytest.raises(pipeline.DataError) as e:
         _read_documents(data_dir, "error")
     assert str(e.value) == (
-        f"shard {path} record 7: not a tf.train.Example with a bytes feature `text` "
-        "(bind tasks.register.bad_records='skip' to drop and log such records)")
+        f"shard {path} record 7: {why}; rerun `prealign prepare` (or bind "
+        "tasks.register.bad_records='skip' to drop and log such records)")
     assert _read_documents(data_dir, "skip") == 88
     err = capfd.readouterr().err
-    assert (f'prealign data: skipped "shard {path} record 7: not a tf.train.Example with a '
-            'bytes feature `text`" | skipped so far: 1') in err
+    assert (f'prealign data: skipped "shard {path} record 7: {why}" | skipped so far: 1'
+            ) in err
 
 
 def test_a_corrupt_record_is_counted_against_the_manifest(tmp_path, spm_vocab, capfd):
@@ -311,7 +314,7 @@ def test_tools_reading_a_damaged_shard_name_it(tmp_path, spm_vocab, damage):
 @pytest.mark.parametrize("damage, message", [
     (lambda m: m.pop("shards"), "has no shard list ('shards')"),
     (lambda m: m["shards"][0].pop("records"),
-     "shard entry 0 (synthetic_human/train-00000-of-00001.tfrecord) has no valid 'records'"),
+     "shard entry 0 (synthetic_human/train.tfrecord-00000-of-00001) has no valid 'records'"),
 ], ids=["no_shards", "no_records"])
 def test_a_manifest_without_its_shard_list_is_named(tmp_path, spm_vocab, bad_records, damage,
                                                     message):
@@ -365,8 +368,11 @@ def test_a_lone_surrogate_is_a_bad_record(tmp_path, caplog):
     assert str(e.value) == (f"{path}:41: 'text' holds a lone surrogate (U+D800 at character "
                             "2), which is not Unicode text (pass --bad_records=skip to drop "
                             "such records)")
+    caplog.set_level("INFO")
     data_dir = _prepare(tmp_path, path, bad_records="skip")
-    assert f"skipped {path}:41: 'text' holds a lone surrogate" in caplog.text
+    assert (f"prepare: skipped 1 bad records of {path}: 'text' holds a lone surrogate "
+            f"(U+D800 at character 2), which is not Unicode text (first: {path}:41)"
+            ) in caplog.text
     manifest = shards.read_manifest(data_dir)
     assert sum(t["documents"] for t in manifest["totals"].values()) == 40
 

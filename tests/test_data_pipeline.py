@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from data_helpers import prepared_data_dir, raw_records_writer, write_data_dir
+from data_helpers import prepared_data_dir, write_data_dir
 from prealign_jax import modes, tags, tf_cpu
 from prealign_jax import vocab as vocab_lib
-from prealign_jax.data import converter, pipeline, shards
+from prealign_jax.data import converter, pipeline, records, shards
 
 tf = tf_cpu.import_tf()
 import seqio  # noqa: E402
@@ -57,7 +57,7 @@ def test_tokens_after_a_grammar_violation_get_no_weight():
 
 
 def _vocab(data_dir):
-    return vocab_lib.load(os.path.join(data_dir, "vocab.model"))
+    return vocab_lib.load_dir(data_dir)
 
 
 def _segments(batch):
@@ -204,25 +204,34 @@ def _corrupt(data_dir, records_bytes):
     entry = next(s for s in manifest["shards"]
                  if s["source"] == "synthetic_human" and s["split"] == "train")
     path = os.path.join(data_dir, entry["file"])
-    raw_records_writer(path, records_bytes)
-    entry.update(bytes=os.path.getsize(path), records=len(records_bytes),
-                 sha256=shards.sha256(path))
+    shards.write_records(path, records_bytes)
+    entry.update(records=len(records_bytes), **shards.file_facts(path))
     manifest["config_hash"] += "-corrupted"
     shards.write_manifest(data_dir, {k: v for k, v in manifest.items() if k != "format"})
     return path
 
 
-def test_bad_records_error_and_skip(toy_dir, capfd):
+def test_bad_records_error_and_skip(toy_dir, spm_vocab, capfd):
     data_dir = toy_dir({"synthetic_human": ["<human>x</human>"]})
-    path = _corrupt(data_dir, [b"<human>good one</human>", b"<human>unclosed",
-                               b"\xff\xfe bad utf8", b"", b"<quote>q</quote>",
-                               b"<human>good two</human>"])
+
+    def example(text, targets):
+        return records.to_example(records.Document(text, "synthetic_human", "d"), targets)
+
+    good = [example(t, spm_vocab.encode(t) + [1])
+            for t in ("<human>good one</human>", "<human>good two</human>")]
+    text_only = tf.train.Example(features=tf.train.Features(feature={"text": tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[b"<human>x</human>"]))})).SerializeToString()
+    path = _corrupt(data_dir, [good[0], b"\xff\xfe not an Example", text_only,
+                               example("<human>empty</human>", []), good[1]])
     tasks.register(data_dir, bad_records="error")
     it = pipeline.DataIterator(pipeline.get_dataset("prealign_synthetic_human", "train", 1,
                                                     32, seed=0, num_epochs=1, shuffle=False))
     with pytest.raises(pipeline.DataError) as e:
         next(it)
-    assert f"shard {path} record 1: unclosed span" in str(e.value)
+    assert str(e.value) == (
+        f"shard {path} record 1: not a tf.train.Example with an int64 feature `targets`; "
+        "rerun `prealign prepare` (or bind tasks.register.bad_records='skip' to drop and log "
+        "such records)")
 
     tasks.register(data_dir, bad_records="skip")
     ds = pipeline.get_dataset("prealign_synthetic_human", "train", 1, 32, seed=0,
@@ -231,10 +240,11 @@ def test_bad_records_error_and_skip(toy_dir, capfd):
     segments = [row for batch in it for row in [batch["decoder_target_tokens"][0]]]
     assert len(segments) == 1  # both good documents packed into one row
     err = capfd.readouterr().err
-    for i, why in [(1, "unclosed span"), (2, "invalid UTF-8"), (3, "empty document"),
-                   (4, "malformed tags: token 0 (<quote>) is not allowed in state doc")]:
+    for i, why in [(1, "not a tf.train.Example with an int64 feature `targets`"),
+                   (2, "no tokens (`targets` is empty)"),
+                   (3, "no tokens (`targets` is empty)")]:
         assert f"shard {path} record {i}: {why}" in err
-    assert "skipped so far: 4" in err
+    assert "skipped so far: 3" in err
     tasks.register(data_dir)
 
 
@@ -274,20 +284,41 @@ def test_each_process_reads_its_own_files(toy_dir, spm_vocab):
 
 
 def test_split_without_documents_is_a_user_error(tmp_path, spm_vocab):
-    import shutil
-
-    from prealign_jax.data import records
     from prealign_jax.errors import UserError
 
     data_dir = str(tmp_path / "train_only")
-    os.makedirs(data_dir)
-    shutil.copy(spm_vocab.sentencepiece_model_file, os.path.join(data_dir, "vocab.model"))
-    with shards.ShardWriter(data_dir, {"train": 1, "validation": 1}) as w:
-        w.write(records.Document("<human>a</human>", "ingested", "a"), "train")
-        w.write(records.Document("<human>b</human>", "synthetic_human", "b"), "validation")
-        w.write(records.Document("<human>c</human>", "synthetic_human", "c"), "train")
-        shards.write_manifest(data_dir, {"config_hash": "train-only", **w.close()})
+    write_data_dir(data_dir, {"ingested": ["<human>a</human>"],
+                              "synthetic_human": ["<human>c</human>"]},
+                   spm_vocab.sentencepiece_model_file)
+    manifest = shards.read_manifest(data_dir)
+    manifest["shards"] = [s for s in manifest["shards"]
+                          if (s["source"], s["split"]) != ("ingested", "validation")]
+    shards.write_manifest(data_dir, {k: v for k, v in manifest.items() if k != "format"})
     with pytest.raises(UserError, match="split 'validation' has no documents of "
                                         "prealign_ingested"):
         tasks.register(data_dir)
         pipeline.get_dataset("prealign", "validation", 1, 32, seed=0)
+
+
+def test_packing_matches_seqio_trim_and_pack():
+    """The vectorised packer gives seqio's rows: next-fit over windows of `length` examples,
+    each trimmed to `length`; an empty example takes no segment id."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 100, size=rng.integers(0, 90)).astype(np.int32)
+            for _ in range(300)] + [np.arange(1, 150, dtype=np.int32)] * 3
+    rng.shuffle(docs)
+
+    def ds():
+        return tf.data.Dataset.from_generator(
+            lambda: ({"targets": d} for d in docs),
+            output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+
+    ours = list(ds().ragged_batch(64).map(lambda w: converter.pack_window(w, 64)).unbatch()
+                .as_numpy_iterator())
+    theirs = list(seqio.utils.trim_and_pack_dataset(ds(), {"targets": 64})
+                  .as_numpy_iterator())
+    assert len(ours) == len(theirs) > 100
+    for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        for k in b:
+            np.testing.assert_array_equal(a[k], b[k])

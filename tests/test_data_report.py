@@ -162,3 +162,15 @@ def test_format_report_aligned():
     assert len({len(line) for line in table}) == 1  # numbers right-aligned in columns
     assert any(line.startswith("documents") for line in lines)
     assert sum(line.startswith("top situations") for line in lines) == 2
+
+
+def test_format_report_keeps_the_ngram_order_after_a_json_round_trip():
+    """The manifest stores the report with sorted keys ("16" < "4" < "8")."""
+    import json
+
+    report = _combine(_random_docs(50, seed=3))
+    stored = json.loads(json.dumps(report, sort_keys=True))
+    (line,) = [x for x in format_report(stored).splitlines() if x.startswith("uniqueness")]
+    train = stored["splits"]["train"]["ngrams"]
+    assert line.split()[2].replace("~", "") == "/".join(
+        f"{train[str(n)]['uniqueness']:.3f}" for n in (4, 8, 16))

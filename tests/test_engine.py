@@ -121,8 +121,13 @@ def test_every_row_keeps_its_own_policy(engine, spm_vocab):
 
 
 def test_a_stop_token_ends_the_request(engine, spm_vocab):
-    prompt = sampling.make_prompt("Once upon a time", spm_vocab, "grammar")
-    free = wait([submit(engine, prompt, "grammar", temperature=0.0)])[0]
+    for text in PROMPTS:  # the first whose greedy continuation has 3 tokens to stop at
+        prompt = sampling.make_prompt(text, spm_vocab, "grammar")
+        free = wait([submit(engine, prompt, "grammar", temperature=0.0)])[0]
+        if len(free.tokens) >= 3:
+            break
+    else:
+        pytest.fail("no prompt's greedy continuation has 3 tokens")
     stopped = wait([submit(engine, prompt, "grammar", temperature=0.0,
                            stop_token=free.tokens[2])])[0]
     end = free.tokens.index(free.tokens[2]) + 1

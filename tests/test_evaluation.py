@@ -248,7 +248,7 @@ def test_text_labels_follow_the_trainers_groups(spm_vocab, token_class):
 def test_evaluate_reads_the_runs_data_and_writes_the_report_in_its_workdir(random_run,
                                                                           tmp_path):
     run = dataclasses.replace(  # room for openings of the prepared corpus in the context
-        random_run, model_cfg=dataclasses.replace(random_run.model_cfg, max_len=128),
+        random_run, model_cfg=dataclasses.replace(random_run.model_cfg, max_len=256),
         data_dir=prepared_data_dir(), tagged=True, workdir=str(tmp_path))
     with pytest.raises(ev.EvalError, match=r"^evaluate.samples_per_prompt=0: "):
         ev.evaluate(run, samples_per_prompt=0)

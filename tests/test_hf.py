@@ -51,7 +51,7 @@ def make_run(workdir, cfg, vocab, seed=0):
     """A run directory as `prealign train` leaves it (run.json, a data dir with the
     vocabulary, an orbax checkpoint at step 3), its parameters saved sharded over fsdp."""
     data_dir = os.path.join(workdir, "data")
-    if not os.path.exists(os.path.join(data_dir, vocab_lib.VOCAB_FILE)):
+    if not os.path.exists(data_dir):  # else a prepared data dir, with its vocabulary
         os.makedirs(data_dir)
         shutil.copyfile(vocab.sentencepiece_model_file,
                         os.path.join(data_dir, vocab_lib.VOCAB_FILE))
@@ -383,7 +383,7 @@ def test_lm_eval_runs_the_local_tasks_on_an_export(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     prepare.prepare(workdir=workdir, num_scenarios=300, vocab_size=512, vocab_documents=300,
                     validation_fraction=0.25, num_shards={"train": 1, "validation": 1})
-    vocab = vocab_lib.load(os.path.join(workdir, "data", vocab_lib.VOCAB_FILE))
+    vocab = vocab_lib.load_dir(os.path.join(workdir, "data"))
     make_run(workdir, dataclasses.replace(GQA_SCAN, max_len=1024), vocab)
     out = tmp_path / "hf"
     assert main.main(["export", f"--workdir={workdir}", f"--out={out}"]) == 0

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import tiny_model_flags
+from prealign_jax.data import shards
 
 HEARTBEAT_S = 10
 COMPARED = ("loss", "z_loss", "grad_norm", "learning_rate", "eval/loss")
@@ -198,8 +199,10 @@ def test_resume_with_another_shard_count_names_the_binding(tmp_path):
 def test_a_failed_process_stops_its_peer(tmp_path, data_dir, env):
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
-    for source in ("synthetic_human", "synthetic_ai", "synthetic_quote"):
-        shard = data / source / "train-00001-of-00002.tfrecord"  # read by process 1 only
+    for entry in shards.read_manifest(str(data))["shards"]:
+        if not entry["file"].endswith("/train.tfrecord-00001-of-00002"):
+            continue
+        shard = data / entry["file"]  # read by process 1 only
         blob = shard.read_bytes()
         shard.write_bytes(blob[:100] + bytes(200) + blob[300:])
     lone = subprocess.Popen(  # and a job whose second process never comes

@@ -95,7 +95,7 @@ def server(run_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spm(run_dir):
-    return vocab.load(str(run_dir / "data" / vocab.VOCAB_FILE))
+    return vocab.load_dir(str(run_dir / "data"))
 
 
 def prealign(choice) -> dict:

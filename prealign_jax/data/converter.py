@@ -21,7 +21,51 @@ tf = tf_cpu.import_tf()
 import seqio  # noqa: E402  (after tf_cpu)
 
 DEFAULT_MODE_WEIGHTS = {mode: 1.0 for mode in modes.MODES}
-_CONVERT_BATCH = 64
+
+
+def pack_window(window, length: int) -> dict:
+    """A window of examples (`targets`: ragged `[K, None]`) packed into rows of `length`:
+    `targets`, `targets_segment_ids`, `targets_positions` (int32 `[rows, length]`), as
+    `seqio.utils.trim_and_pack_dataset` packs a window of `length` examples — each trimmed
+    to `length`, then next-fit — so the rows are the same, but vectorised.
+
+    seqio's TF packer appends one example at a time in a `while_loop` of concats and hands
+    rows on one by one; only the row and start of each example are sequential here (numpy
+    over the window's lengths), every token is placed by one scatter, and rows stay batched
+    for the conversion that follows.
+    """
+    def next_fit(n):
+        """Row and start of each example (a pure function of the lengths)."""
+        row, start = np.empty_like(n), np.empty_like(n)
+        r, used = -1, length
+        for i, size in enumerate(n.tolist()):
+            if used + size > length:
+                r, used = r + 1, 0
+            row[i], start[i], used = r, used, used + size
+        return row, start
+
+    tokens = window["targets"][:, :length]
+    n = tf.cast(tokens.row_lengths(), tf.int32)
+    row, start = tf.numpy_function(next_fit, [n], [tf.int32, tf.int32], stateful=False)
+    row.set_shape(n.shape)
+    start.set_shape(n.shape)
+    positions = tf.ragged.range(n)
+    index, rows = tf.range(tf.size(row)), tf.reduce_max(row) + 1
+    # an example's segment id: the non-empty examples of its row up to it (as seqio's
+    # cumsum over position 0, which an empty example does not have)
+    nonempty = tf.cumsum(tf.cast(n > 0, tf.int32))
+    before_row = tf.gather(nonempty - tf.cast(n > 0, tf.int32),
+                           tf.math.unsorted_segment_min(index, row, rows))
+    segment = nonempty - tf.gather(before_row, row)
+    where = tf.stack([tf.repeat(row, n), tf.repeat(start, n) + positions.flat_values], 1)
+    shape = tf.stack([rows, length])
+
+    def scatter(values):
+        return tf.scatter_nd(where, tf.cast(values, tf.int32), shape)
+
+    return {"targets": scatter(tokens.flat_values),
+            "targets_segment_ids": scatter(tf.repeat(segment, n)),
+            "targets_positions": scatter(positions.flat_values)}
 
 
 def weight_table(mode_weights: Mapping[str, float] | None = None,
@@ -85,10 +129,13 @@ class ConditionalLMFeatureConverter(seqio.FeatureConverter):
         }
 
     def _convert_features(self, ds, task_feature_lengths):
-        ds = self._pack_or_pad(ds, task_feature_lengths)
-        # Batched so the FSM runs over many examples per op; unbatched for seqio's contract.
-        return (ds.batch(_CONVERT_BATCH)
-                .map(self._convert_batch, num_parallel_calls=tf.data.AUTOTUNE).unbatch())
+        length = task_feature_lengths["targets"]
+        # Packed and converted a window at a time (many rows per op); unbatched for seqio's
+        # contract.
+        return (ds.ragged_batch(length)
+                .map(lambda w: self._convert_batch(pack_window(w, length)),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+                .unbatch())
 
     def get_model_feature_lengths(self, task_feature_lengths):
         length = task_feature_lengths["targets"]

@@ -265,19 +265,20 @@ def generate(num_scenarios: int, seed: int = 0, mix: Mix = Mix(),
         if kind in ("pair", "human"):
             p = mix.pair_selfish if kind == "pair" else mix.selfish
             nodes, labels = render.human_doc(cast, rng.random() < p)
-            yield _document(nodes, labels, "synthetic_human", f"{doc_id}-h",
+            yield _document(nodes, labels, "synthetic_human", f"{doc_id}-h", cast,
                             i if kind == "pair" else -1)
             if kind == "pair":
                 nodes, labels = render.ai_self_doc(cast)
-                yield _document(nodes, labels, "synthetic_ai", f"{doc_id}-a", i)
+                yield _document(nodes, labels, "synthetic_ai", f"{doc_id}-a", cast, i)
         elif kind == "request":
             nodes, labels = render.request_doc(cast)
-            yield _document(nodes, labels, "synthetic_ai", f"{doc_id}-r")
+            yield _document(nodes, labels, "synthetic_ai", f"{doc_id}-r", cast)
         else:
             nodes, labels = render.quote_doc(cast)
-            yield _document(nodes, labels, "synthetic_quote", f"{doc_id}-q")
+            yield _document(nodes, labels, "synthetic_quote", f"{doc_id}-q", cast)
 
 
-def _document(nodes, labels, source, doc_id, pair_id=-1) -> records.Document:
+def _document(nodes, labels, source, doc_id, cast, pair_id=-1) -> records.Document:
     return records.Document(text=tags.serialize(nodes), source=source, doc_id=doc_id,
-                            pair_id=pair_id, span_labels=tuple(labels))
+                            pair_id=pair_id, span_labels=tuple(labels),
+                            situation=cast.situation.name)

@@ -24,6 +24,7 @@ stops with the source, record number and reason; `skip` logs and counts.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import io
 import json
@@ -49,28 +50,50 @@ class IngestError(UserError):
     """An input file or record that cannot be ingested (names file, line and reason)."""
 
 
-def read_documents(paths, mode: str = "human", tagged: bool = False,
-                   bad_records: str = "error", label_fn=None) -> Iterator[records.Document]:
-    """Documents of the given files, in order; `doc_id` is `<file name>:<line>`."""
+@dataclasses.dataclass(frozen=True)
+class BadRecord:
+    """An input record that cannot become a document: where it is and why."""
+    source: str  # the input it came from (or the document's source)
+    location: str  # file:line, or a document id
+    reason: str
+
+    def message(self) -> str:
+        return (f"{self.location}: {self.reason} (pass --bad_records=skip to drop such "
+                "records)")
+
+
+def read_input(path: str, mode: str = "human", tagged: bool = False, label_fn=None
+               ) -> Iterator[records.Document | BadRecord]:
+    """Documents of one input, in order (`doc_id` is `<source name>:<record>`), and a
+    BadRecord for each record that cannot be one (the caller applies the policy)."""
     if mode not in INGEST_MODES:
         raise IngestError(f"--mode={mode}: use one of {INGEST_MODES}")
+    for line, text, problem in _raw_records(path, tagged, label_fn):
+        if problem is None:
+            try:
+                yield _document(text, mode, tagged or label_fn is not None,
+                                f"{_source_name(path)}:{line}")
+                continue
+            except tags.TagError as e:
+                problem = f"malformed tags at {e}"
+        yield BadRecord(path, f"{path}:{line}", problem)
+
+
+def read_documents(paths, mode: str = "human", tagged: bool = False,
+                   bad_records: str = "error", label_fn=None) -> Iterator[records.Document]:
+    """Documents of the given inputs, in order, with the bad-record policy applied:
+    `error` stops at the first bad record, `skip` logs it with a running count."""
     skipped = 0
     for path in paths:
-        for line, text, problem in _raw_records(path, tagged, label_fn):
-            where = f"{path}:{line}"
-            if problem is None:
-                try:
-                    yield _document(text, mode, tagged or label_fn is not None,
-                                    f"{_source_name(path)}:{line}")
-                    continue
-                except tags.TagError as e:
-                    problem = f"malformed tags at {e}"
+        for item in read_input(path, mode, tagged, label_fn):
+            if not isinstance(item, BadRecord):
+                yield item
+                continue
             if bad_records == "error":
-                raise IngestError(f"{where}: {problem} (pass --bad_records=skip to drop such "
-                                  "records)")
+                raise IngestError(item.message())
             skipped += 1
-            console.LOG.warning("prealign ingest: skipped %s: %s (%d skipped so far)", where,
-                            problem, skipped)
+            console.LOG.warning("prealign ingest: skipped %s: %s (%d skipped so far)",
+                                item.location, item.reason, skipped)
 
 
 def _document(text: str, mode: str, tagged: bool, doc_id: str) -> records.Document:

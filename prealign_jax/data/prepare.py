@@ -1,31 +1,39 @@
-"""`prealign prepare`: generate and/or ingest the corpus, train the vocabulary, write shards.
+"""`prealign prepare`: the corpus as pre-tokenized shards, by an Apache Beam pipeline.
 
-Idempotent: the manifest records a hash of everything that determines the output (this
-configuration, the input files' contents, the generator's code). Same hash and intact
-shards: the data dir is reused. Otherwise it is rebuilt in a staging directory and swapped
-in when complete; the log says which and why.
+The driver (this module) checks the configuration, trains the vocabulary on a bounded
+sample of the documents, runs the pipeline (`beam_pipeline.py`: DirectRunner here,
+Dataflow / Flink / Spark at scale) into a fresh build directory, and commits the build by
+writing `manifest.json` last (counts, checksums, bad records, the corpus report, the
+config and its hash). Idempotent: same hash and intact shards, the data dir is reused;
+otherwise it is rebuilt, and the log says which and why. Every path may be a URL.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import itertools
 import json
 import os
-import shutil
-import zlib
+import re
+import time
 from typing import Iterator, Mapping, Sequence
 
-from prealign_jax import console, vocab as vocab_lib
+from prealign_jax import console, fileio, vocab as vocab_lib
 from prealign_jax.data import generator, ingest, records, shards
 from prealign_jax.errors import UserError
 
 SPLITS = ("train", "validation")
-_CODE = ("generator.py", "scenarios.py", "ingest.py", "records.py", "shards.py")
+_CODE = ("beam_pipeline.py", "generator.py", "scenarios.py", "ingest.py", "records.py",
+         "shards.py")
+RUNNERS_HELP = ("DirectRunner (default) runs here; DataflowRunner, FlinkRunner, SparkRunner "
+                "take their own pipeline options (see the README)")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """Everything that determines the corpus (hashed). How it runs (the runner) does not."""
     num_scenarios: int
     seed: int
     vocab_size: int
@@ -38,6 +46,15 @@ class Config:
     tagged: bool
     bad_records: str
     tokenizer_file: str | None = None
+    label_fn: str | None = None
+
+    def sources(self):
+        """What the pipeline reads (`beam_pipeline.Sources`)."""
+        from prealign_jax.data import beam_pipeline
+
+        return beam_pipeline.Sources(self.num_scenarios, self.seed, self.mix, self.from_text,
+                                     self.mode, self.tagged, self.validation_fraction,
+                                     self.label_fn)
 
 
 def prepare(workdir: str | None = None, data_dir: str | None = None,
@@ -45,12 +62,14 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
             vocab_documents: int = 20_000, num_shards: Mapping[str, int] | None = None,
             validation_fraction: float = 0.02, mix: generator.Mix | None = None,
             from_text: Sequence[str] = (), mode: str = "human", tagged: bool = False,
-            bad_records: str = "error", tokenizer_file: str | None = None) -> str:
+            bad_records: str = "error", tokenizer_file: str | None = None,
+            label_fn: str | None = None, runner: str = "DirectRunner", direct_num_workers: int = 1,
+            pipeline_options: Sequence[str] = ()) -> str:
     """Build (or reuse) the data dir; returns its path.
 
     Args:
       workdir: run directory; the data dir defaults to `<workdir>/data`.
-      data_dir: explicit data dir (overrides workdir).
+      data_dir: explicit data dir (overrides workdir); a local path or a URL (gs://...).
       num_scenarios: synthetic scenarios to render (a counterfactual pair gives two docs).
       seed: generator seed.
       vocab_size: SentencePiece vocabulary size.
@@ -58,9 +77,14 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
       num_shards: shards per split and source, default {'train': 8, 'validation': 1}.
       validation_fraction: fraction of scenarios (and ingested documents) held out.
       mix: `generator.Mix` of renderings.
-      from_text, mode, tagged, bad_records: raw-text ingest (see `ingest.py`).
+      from_text, mode, tagged, bad_records, label_fn: raw-text ingest (see `ingest.py`):
+        files or URLs (.txt, .jsonl, .parquet) and TFDS splits (tfds:NAME:SPLIT).
       tokenizer_file: an imported tokenizer (`prealign import` writes <data dir>/
         tokenizer.json) used instead of training SentencePiece (vocab_size is then unused).
+      runner: the Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...).
+      direct_num_workers: DirectRunner worker processes (more than 1: multi-processing).
+      pipeline_options: further Beam pipeline options, e.g. ('--project=P',
+        '--region=R', '--temp_location=gs://B/tmp') for Dataflow.
     """
     if data_dir is None:
         if workdir is None:
@@ -76,17 +100,26 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
                                    or vocab_documents < 1):
         raise UserError(f"prepare.vocab_documents={vocab_documents!r}: the vocabulary is "
                         "trained on this many documents; give a positive count")
-    data_dir = os.path.abspath(data_dir)
+    if bad_records not in ("error", "skip"):
+        raise UserError(f"--bad_records={bad_records}: use error or skip")
+    if isinstance(direct_num_workers, bool) or not isinstance(direct_num_workers, int) \
+            or direct_num_workers < 1:
+        raise UserError(f"--direct_num_workers={direct_num_workers!r}: give a positive "
+                        "number of worker processes")
+    data_dir = fileio.absolute(data_dir)
     imported = os.path.join(data_dir, vocab_lib.TOKENIZER_FILE)
-    if tokenizer_file is None and os.path.exists(imported):
+    if tokenizer_file is None and fileio.gfile().exists(imported):
         raise UserError(f"{data_dir} holds an imported tokenizer; prepare with it: "
                         f"--tokenizer={imported}")
-    if tokenizer_file is not None and not os.path.isfile(tokenizer_file):
+    if tokenizer_file is not None and not fileio.gfile().exists(tokenizer_file):
         raise UserError(f"--tokenizer={tokenizer_file}: no such file; `prealign import` "
                         "writes <data dir>/tokenizer.json")
     config = Config(num_scenarios, seed, vocab_size, vocab_documents, num_shards,
-                    validation_fraction, mix or generator.Mix(), tuple(from_text), mode,
-                    tagged, bad_records, tokenizer_file and os.path.abspath(tokenizer_file))
+                    validation_fraction, mix or generator.Mix(),
+                    tuple(fileio.absolute(p) if not p.startswith("tfds:") else p
+                          for p in from_text),
+                    mode, tagged, bad_records, tokenizer_file and fileio.absolute(tokenizer_file),
+                    label_fn)
     digest = config_hash(config)
     reason = _reuse_problem(data_dir, digest)
     if reason is None:
@@ -94,7 +127,12 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
                     "shards intact)")
         return data_dir
     console.say(f"prepare: building {data_dir} ({reason})")
-    _build(data_dir, config, digest)
+    options = [f"--runner={runner}"]
+    if runner == "DirectRunner":
+        options += [f"--direct_num_workers={direct_num_workers}", "--direct_running_mode="
+                    + ("multi_processing" if direct_num_workers > 1 else "in_memory")]
+    options += pipeline_options  # last: they override the defaults above
+    _build(data_dir, config, digest, options)
     return data_dir
 
 
@@ -105,15 +143,20 @@ def config_hash(config: Config) -> str:
     for name in _CODE:
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
+    if config.label_fn:  # its module's code, as the generator's
+        h.update(inspect.getsource(inspect.getmodule(
+            ingest.label_function(config.label_fn))).encode())
     for path in config.from_text + ((config.tokenizer_file,) if config.tokenizer_file else ()):
-        if not os.path.isfile(path):
+        if path.startswith("tfds:"):
+            continue  # a TFDS dataset is named by its version
+        if not fileio.gfile().exists(path):
             raise ingest.IngestError(f"--from_text {path}: no such file")
-        h.update(shards.sha256(path).encode())
+        h.update(shards.file_facts(path)["sha256"].encode())
     return h.hexdigest()
 
 
 def _reuse_problem(data_dir: str, digest: str) -> str | None:
-    if not os.path.exists(os.path.join(data_dir, shards.MANIFEST)):
+    if not fileio.gfile().exists(os.path.join(data_dir, shards.MANIFEST)):
         return "no manifest yet"
     try:
         manifest = shards.read_manifest(data_dir)
@@ -124,76 +167,180 @@ def _reuse_problem(data_dir: str, digest: str) -> str | None:
     problems = shards.check_shards(data_dir, manifest, checksums=True)
     if problems:
         return problems[0]
-    if not any(os.path.exists(os.path.join(data_dir, name))
-               for name in (vocab_lib.VOCAB_FILE, vocab_lib.TOKENIZER_FILE)):
+    vocab = os.path.join(data_dir, manifest.get("vocab", {}).get("file", ""))
+    if not manifest.get("vocab") or not fileio.gfile().exists(vocab):
         return "vocabulary missing"
     return None
 
 
-def documents(config: Config) -> Iterator[tuple[records.Document, str]]:
-    """Every (document, split) of the corpus, in a fixed order."""
-    for doc in generator.generate(config.num_scenarios, config.seed, config.mix):
-        # both documents of a counterfactual pair land in the same split
-        yield doc, _split(doc.doc_id.rsplit("-", 1)[0], config.validation_fraction)
-    if config.from_text:
-        for doc in ingest.read_documents(config.from_text, config.mode, config.tagged,
-                                         config.bad_records):
-            yield doc, _split(doc.doc_id, config.validation_fraction)
+def sample_documents(config: Config) -> Iterator[records.Document]:
+    """The documents in input order, the bad-record policy applied (the vocabulary's
+    sample, read by the driver before the pipeline runs)."""
+    from prealign_jax.data import beam_pipeline
+
+    sources = config.sources()
+    for unit in beam_pipeline.work_units(sources):
+        for item in beam_pipeline.read_unit(unit, sources):
+            if isinstance(item, ingest.BadRecord):
+                if config.bad_records == "error":
+                    raise ingest.IngestError(item.message())
+                continue
+            yield item[0]
 
 
-def _split(key: str, fraction: float) -> str:
-    return "validation" if zlib.crc32(key.encode()) % 10_000 < fraction * 10_000 else "train"
+def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> None:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
 
+    from prealign_jax.data import beam_pipeline, report
 
-def _build(data_dir: str, config: Config, digest: str) -> None:
-    import sentencepiece as spm
-    from tqdm import tqdm
-
-    parent = os.path.dirname(data_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = f"{data_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    gfile = fileio.gfile()
+    # Read before anything is written: a bad record in the sample leaves no trace.
+    texts = None if config.tokenizer_file else _vocabulary_sample(config)
+    build = f"build-{digest[:12]}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    build_dir = os.path.join(data_dir, build)
+    created = not gfile.exists(data_dir)
+    gfile.makedirs(build_dir)
     try:
-        if config.tokenizer_file:  # an imported tokenizer: checked by loading it
-            vocab_path = os.path.join(staging, vocab_lib.TOKENIZER_FILE)
-            shutil.copyfile(config.tokenizer_file, vocab_path)
-            sp = vocab_lib.load_dir(staging)
-        else:
-            # A list, not a generator: a bad input record raises here, as its one-line
-            # error, not from inside SentencePiece's trainer (which would wrap it).
-            texts = [doc.text for doc, _ in itertools.islice(documents(config),
-                                                             config.vocab_documents)]
-            if not texts:
-                files = " ".join(config.from_text) or "(none)"
-                raise UserError(f"no documents to prepare: prepare.num_scenarios="
-                                f"{config.num_scenarios} and --from_text {files} holds no "
-                                "usable records; give text with documents or num_scenarios > 0")
-            console.say(f"prepare: training a {config.vocab_size}-piece vocabulary")
-            vocab_path = vocab_lib.train(texts, os.path.join(staging, vocab_lib.VOCAB_FILE),
-                                         config.vocab_size)
-            sp = spm.SentencePieceProcessor(model_file=vocab_path)
-        with shards.ShardWriter(staging, config.num_shards, sp) as writer:
-            for doc, split in tqdm(documents(config), desc="prepare: writing shards",
-                                   unit=" docs", mininterval=2.0):
-                writer.write(doc, split)
-            written = writer.close()
-        shards.write_manifest(staging, {
-            "config": dataclasses.asdict(config), "config_hash": digest,
-            "vocab": {"file": os.path.basename(vocab_path),
-                      "sha256": shards.sha256(vocab_path),
-                      "size": sp.vocab_size if config.tokenizer_file else config.vocab_size},
-            "totals": _totals(written["counts"]), **written})
+        vocab_path = _vocabulary(config, texts, build_dir)
+        sp = vocab_lib.load_dir(build_dir)
+        console.say(f"prepare: running the Beam pipeline ({' '.join(options)})")
+        start = time.perf_counter()
+        try:
+            with beam.Pipeline(options=PipelineOptions(options)) as pipeline:
+                beam_pipeline.build(pipeline, config.sources(), build_dir,
+                                    config.num_shards, config.bad_records)
+        except Exception as e:  # a runner wraps a worker's error in its own
+            found = re.search(re.escape(beam_pipeline.ERROR_MARKER)
+                              + r"(.*?\))(?: \[while|\\n|\n|'|$)", str(e))
+            if found:
+                raise ingest.IngestError(found.group(1)) from None
+            raise
+        seconds = time.perf_counter() - start
+        parts = os.path.join(build_dir, beam_pipeline.PARTS)
+        entries = _read_json(os.path.join(parts, "shards.json"))
+        bad = _read_json(os.path.join(parts, "bad.json"))
+        corpus = _read_json(os.path.join(parts, "report.json"))
+        counts = {k: dict(sorted(v.items())) for k, v in sorted(
+            _read_json(os.path.join(parts, "counts.json")).items())}
+        gfile.rmtree(parts)
+        entries = _complete_shard_sets(build_dir, entries, config.num_shards)
+        if not counts:
+            raise UserError("no documents to prepare: every record was bad (see the log); "
+                            "fix the inputs or pass other --from_text files")
+        _write_seqio_files(build_dir, entries, counts)
+        documents = sum(c["documents"] for c in counts.values())
+        manifest = {
+            "config": dataclasses.asdict(config), "config_hash": digest, "build": build,
+            "vocab": {"file": f"{build}/{os.path.basename(vocab_path)}",
+                      "sha256": shards.file_facts(vocab_path)["sha256"],
+                      "size": sp.vocab_size},
+            "shards": entries,
+            "counts": counts, "totals": _totals(counts), "bad_records": bad,
+            "report": corpus,
+            "pipeline": {"options": options, "seconds": round(seconds, 3),
+                         "documents_per_s": round(documents / seconds, 1)}}
+        shards.write_manifest(data_dir, manifest)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        gfile.rmtree(data_dir if created else build_dir)
         raise
-    old = f"{data_dir}.old-{os.getpid()}"
-    if os.path.exists(data_dir):
-        os.replace(data_dir, old)
-    os.replace(staging, data_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    manifest = shards.read_manifest(data_dir)
-    console.say(f"prepare: wrote {data_dir}: {json.dumps(manifest['totals'])}")
+    _remove_old_builds(data_dir, build)
+    console.say(f"prepare: wrote {data_dir} in {seconds:.1f}s "
+                f"({documents / seconds:.0f} documents/s): {json.dumps(manifest['totals'])}")
+    for source, reasons in bad.items():
+        for reason, entry in reasons.items():
+            console.say(f"prepare: skipped {entry['count']} bad records of {source}: "
+                        f"{reason} (first: {', '.join(entry['first'])})")
+    console.say(report.format_report(corpus))
+
+
+def _vocabulary_sample(config: Config) -> list[str]:
+    """The first `vocab_documents` documents' texts. A list, not a generator: a bad input
+    record raises here, as its one-line error, not from inside SentencePiece's trainer
+    (which would wrap it)."""
+    texts = [doc.text for doc in itertools.islice(sample_documents(config),
+                                                  config.vocab_documents)]
+    if not texts:
+        files = " ".join(config.from_text) or "(none)"
+        raise UserError(f"no documents to prepare: prepare.num_scenarios="
+                        f"{config.num_scenarios} and --from_text {files} holds no "
+                        "usable records; give text with documents or num_scenarios > 0")
+    return texts
+
+
+def _vocabulary(config: Config, texts: list[str] | None, build_dir: str) -> str:
+    """The build's vocabulary file: the imported tokenizer, or SentencePiece trained on the
+    sample."""
+    if config.tokenizer_file:
+        path = os.path.join(build_dir, vocab_lib.TOKENIZER_FILE)
+        fileio.gfile().copy(config.tokenizer_file, path)
+        return path
+    console.say(f"prepare: training a {config.vocab_size}-piece vocabulary on "
+                f"{len(texts)} documents")
+    return vocab_lib.train(texts, os.path.join(build_dir, vocab_lib.VOCAB_FILE),
+                           config.vocab_size)
+
+
+def _read_json(path: str):
+    with fileio.gfile().GFile(path) as f:
+        return json.load(f)
+
+
+def _complete_shard_sets(build_dir: str, entries: list[dict],
+                         num_shards: Mapping[str, int]) -> list[dict]:
+    """Every shard of each (source, split) that has documents: a shard no document hashed
+    to is written empty, so the set matches its `-of-N` names (seqio's layout)."""
+    from prealign_jax.data import beam_pipeline
+
+    present = {(e["source"], e["split"]) for e in entries}
+    have = {e["file"] for e in entries}
+    build = os.path.basename(build_dir)
+    for source, split in sorted(present):
+        n = num_shards[split]
+        for i in range(n):
+            name = beam_pipeline.shard_file(source, split, i, n)
+            if f"{build}/{name}" not in have:
+                path = os.path.join(build_dir, name)
+                shards.write_records(path, [])
+                entries.append({"file": f"{build}/{name}", "source": source, "split": split,
+                                "records": 0, **shards.file_facts(path)})
+    return sorted(entries, key=lambda e: e["file"])
+
+
+def _write_seqio_files(build_dir: str, entries: list[dict], counts: dict) -> None:
+    """seqio's cache files next to each source's shards: `info.<split>.json` (features and
+    shard count), `stats.<split>.json` (examples and tokens) and `COMPLETED`."""
+    from prealign_jax.data import beam_pipeline
+
+    import seqio
+
+    features = {"targets": {"shape": [None], "dtype": "int32"},
+                **{k: {"shape": [], "dtype": "string"}
+                   for k in ("text", "source", "doc_id", "situation")},
+                "pair_id": {"shape": [], "dtype": "int64"},
+                "span_labels": {"shape": [None], "dtype": "int64"}}
+    for key, c in counts.items():
+        source, split = key.split("/")
+        num = sum(1 for e in entries if e["source"] == source and e["split"] == split)
+        beam_pipeline.write_json(os.path.join(build_dir, source, f"info.{split}.json"), {
+            "num_shards": num, "features": features, "seqio_version": seqio.__version__})
+        beam_pipeline.write_json(os.path.join(build_dir, source, f"stats.{split}.json"), {
+            "examples": c["documents"], "targets_tokens": c.get("tokens", 0)})
+    for source in {k.split("/")[0] for k in counts}:
+        with fileio.gfile().GFile(os.path.join(build_dir, source, "COMPLETED"), "w") as f:
+            f.write("")
+
+
+def _remove_old_builds(data_dir: str, keep: str) -> None:
+    """Earlier builds (and the flat layout of format 1), now that no manifest names them."""
+    gfile = fileio.gfile()
+    for name in gfile.listdir(data_dir):
+        name = name.rstrip("/")
+        path = os.path.join(data_dir, name)
+        if (name.startswith("build-") and name != keep) or name in records.SOURCES:
+            gfile.rmtree(path)
+        elif name == vocab_lib.VOCAB_FILE:
+            gfile.remove(path)
 
 
 def _totals(counts: Mapping[str, Mapping[str, int]]) -> dict:

@@ -1,7 +1,8 @@
 """One corpus record: a tagged document and its metadata, as a `tf.train.Example`.
 
-Every producer (generator, ingest) emits `Document`s; the shard writer serializes them and
-the seqio source parses the same feature spec. `span_labels` holds, for every span of the
+Every producer (generator, ingest) emits `Document`s; `prealign prepare` stores each with
+its token ids (`targets`, EOS included: what the seqio Tasks read, as from a seqio cache)
+next to the text and metadata (what tools and evaluation read). `span_labels` holds, for every span of the
 document in pre-order (`tags.Span` tree order), 1 if the span's content is selfish /
 misaligned, 0 if not, -1 if unknown (ingested text).
 """
@@ -23,10 +24,11 @@ class Document:
     doc_id: str
     pair_id: int = -1  # scenario shared by a counterfactual human/ai pair, else -1
     span_labels: tuple[int, ...] = ()
+    situation: str = ""  # the synthetic scenario's situation family ('' if unknown)
 
 
-def to_example(doc: Document) -> bytes:
-    """Serialized `tf.train.Example` of a document."""
+def to_example(doc: Document, targets=()) -> bytes:
+    """Serialized `tf.train.Example` of a document and its token ids."""
     tf = tf_cpu.import_tf()
     f = tf.train.Feature
 
@@ -39,7 +41,8 @@ def to_example(doc: Document) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature={
         "text": b(doc.text.encode("utf-8")), "source": b(doc.source.encode()),
         "doc_id": b(doc.doc_id.encode()), "pair_id": i([doc.pair_id]),
-        "span_labels": i(doc.span_labels)})).SerializeToString()
+        "span_labels": i(doc.span_labels), "situation": b(doc.situation.encode()),
+        "targets": i(targets)})).SerializeToString(deterministic=True)
 
 
 def from_example(serialized: bytes) -> Document:
@@ -50,4 +53,5 @@ def from_example(serialized: bytes) -> Document:
                     source=ex["source"].bytes_list.value[0].decode(),
                     doc_id=ex["doc_id"].bytes_list.value[0].decode(),
                     pair_id=int(ex["pair_id"].int64_list.value[0]),
-                    span_labels=tuple(ex["span_labels"].int64_list.value))
+                    span_labels=tuple(ex["span_labels"].int64_list.value),
+                    situation=b"".join(ex["situation"].bytes_list.value).decode())

@@ -294,7 +294,7 @@ def format_report(report: dict) -> str:
     row("uniqueness " + "/".join(f"{n}" for n in NGRAMS) + "-gram",
         ["/".join("-" if g["uniqueness"] is None else
                   ("" if g["exact"] else "~") + f"{g['uniqueness']:.3f}"
-                  for g in s["ngrams"].values()) for s in splits.values()])
+                  for g in (s["ngrams"][str(n)] for n in NGRAMS)) for s in splits.values()])
     width = max(len(label) for label, _ in rows)
     cols = [max(len(v[i]) for _, v in rows) for i in range(len(splits))]
     lines = [label.ljust(width) + "  " + "  ".join(v.rjust(c) for v, c in zip(values, cols))

@@ -1,27 +1,28 @@
-"""TFRecord shards of tagged documents and the `manifest.json` that describes them.
+"""TFRecord shards of tokenized documents and the `manifest.json` that describes them.
 
-Layout of a data dir:
+Layout of a data dir (`prealign prepare` writes it; see `beam_pipeline.py`):
 
-    manifest.json                      counts, checksums, the config that built it
-    vocab.model                        the SentencePiece vocabulary
-    <source>/<split>-00000-of-00004.tfrecord
+    manifest.json                        the commit point: shards, counts, checksums, the
+                                         vocabulary, the config and its hash, the report
+    build-<hash>-<time>/vocab.model      the SentencePiece vocabulary (or tokenizer.json)
+    build-<hash>-<time>/<source>/<split>.tfrecord-00000-of-00008   seqio's cache layout,
+    build-<hash>-<time>/<source>/{info,stats}.<split>.json         and its files
 
-Every shard is written to a temporary name and renamed when complete, and the manifest is
-written last (also via rename): a crash leaves no file that matches a shard name half
-written, and no manifest that lists a shard that is not complete. Readers take the file
-list from the manifest, never from a glob.
+A build is written in its own directory, which no reader opens until the manifest naming it
+is written (last, by rename): nothing half-written is ever read, on local disk or an object
+store. Readers take the file list from the manifest, never from a glob. A data dir may be a
+URL (`gs://...`): every file here is read and written through `fileio`.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import os
 import struct
-from typing import Iterable
+from typing import Iterable, Sequence
 
-from prealign_jax import tags, tf_cpu
+from prealign_jax import fileio, tf_cpu
 from prealign_jax.data import records
 from prealign_jax.errors import UserError
 
@@ -33,125 +34,47 @@ class ShardError(UserError):
     """A missing, truncated or corrupt shard or manifest (names the file and the fix)."""
 
 
-def shard_name(source: str, split: str, index: int, count: int) -> str:
-    return f"{source}/{split}-{index:05d}-of-{count:05d}.tfrecord"
+def write_records(path: str, examples: Sequence[bytes]) -> None:
+    """A TFRecord file of serialized examples (any URL `tf.io.gfile` knows)."""
+    tf = tf_cpu.import_tf()
+    fileio.gfile().makedirs(os.path.dirname(path))
+    with tf.io.TFRecordWriter(path) as writer:
+        for example in examples:
+            writer.write(example)
 
 
-def mode_counts(text: str, sp=None) -> dict[str, int]:
-    """Characters (and, given a SentencePiece processor, tokens) per mode of one document.
-
-    Keys `chars.<mode>`, `tokens.<mode>`, `tokens.tags`. Tags split SentencePiece input
-    (they are user-defined symbols), so encoding each text run alone gives the same pieces
-    as encoding the whole document.
-    """
-    counts: collections.Counter = collections.Counter()
-
-    for node, mode in tags.walk(tags.parse(text)):
-        if isinstance(node, str):
-            counts[f"chars.{mode}"] += len(node)
-            if sp is not None:
-                counts[f"tokens.{mode}"] += len(sp.encode(tags.escape(node)))
-        else:  # a span's two tags, or <redacted/>
-            counts["tokens.tags"] += 2 if isinstance(node, tags.Span) else 1
-    return dict(counts)
-
-
-class ShardWriter:
-    """Writes documents round-robin into `num_shards` shards per (source, split).
-
-    Use as a context manager; `close()` renames the finished shards into place and returns
-    their manifest entries. On an exception nothing is renamed.
-    """
-
-    def __init__(self, data_dir: str, num_shards: dict[str, int], sp=None):
-        self._tf = tf_cpu.import_tf()
-        self.data_dir, self.num_shards, self._sp = data_dir, dict(num_shards), sp
-        self._writers: dict[tuple[str, str], list] = {}
-        self._next: collections.Counter = collections.Counter()
-        self._entries: dict[str, dict] = {}
-        self._counts: dict[tuple[str, str], collections.Counter] = collections.defaultdict(
-            collections.Counter)
-
-    def write(self, doc: records.Document, split: str) -> None:
-        if split not in self.num_shards:
-            raise ValueError(f"unknown split {split!r}; splits are {list(self.num_shards)}")
-        key = (doc.source, split)
-        if key not in self._writers:
-            self._open(*key)
-        i = self._next[key] % self.num_shards[split]
-        self._next[key] += 1
-        self._writers[key][i][1].write(records.to_example(doc))
-        self._entries[self._writers[key][i][0]]["records"] += 1
-        counts = self._counts[key]
-        counts["documents"] += 1
-        counts.update(mode_counts(doc.text, self._sp))
-
-    def _open(self, source: str, split: str) -> None:
-        n = self.num_shards[split]
-        os.makedirs(os.path.join(self.data_dir, source), exist_ok=True)
-        writers = []
-        for i in range(n):
-            name = shard_name(source, split, i, n)
-            tmp = os.path.join(self.data_dir, f"{name}.tmp-{os.getpid()}")
-            writers.append((name, self._tf.io.TFRecordWriter(tmp), tmp))
-            self._entries[name] = {"file": name, "source": source, "split": split,
-                                   "records": 0}
-        self._writers[(source, split)] = writers
-
-    def close(self) -> dict:
-        """Flush, rename into place, checksum; returns the manifest's shard/count sections."""
-        for writers in self._writers.values():
-            for name, writer, tmp in writers:
-                writer.close()
-                final = os.path.join(self.data_dir, name)
-                os.replace(tmp, final)
-                self._entries[name].update(bytes=os.path.getsize(final), sha256=sha256(final))
-        counts = {f"{source}/{split}": dict(sorted(c.items()))
-                  for (source, split), c in sorted(self._counts.items())}
-        return {"shards": [self._entries[k] for k in sorted(self._entries)],
-                "counts": counts}
-
-    def abort(self) -> None:
-        for writers in self._writers.values():
-            for _, writer, tmp in writers:
-                writer.close()
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is not None:
-            self.abort()
+def file_facts(path: str) -> dict:
+    """The `bytes` and `sha256` a manifest records of a file."""
+    h = hashlib.sha256()
+    with fileio.gfile().GFile(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": fileio.gfile().stat(path).length, "sha256": h.hexdigest()}
 
 
 def sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fileio.gfile().GFile(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
 def write_manifest(data_dir: str, manifest: dict) -> None:
-    path = os.path.join(data_dir, MANIFEST)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": FORMAT_VERSION, **manifest}, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    fileio.atomic_write(os.path.join(data_dir, MANIFEST), json.dumps(
+        {"format": FORMAT_VERSION, **manifest}, indent=1, sort_keys=True) + "\n")
 
 
 def read_manifest(data_dir: str) -> dict:
+    gfile = fileio.gfile()
     path = os.path.join(data_dir, MANIFEST)
-    if not os.path.exists(path):
+    if not gfile.exists(path):
         raise ShardError(f"{path} does not exist: {data_dir} is not a prepared data dir; "
                          "run `prealign prepare` for it")
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
+        with gfile.GFile(path) as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError, tf_cpu.import_tf().errors.OpError) as e:
         raise ShardError(f"{path} is unreadable ({e}); rerun `prealign prepare`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format") if isinstance(manifest, dict) else None
@@ -199,8 +122,9 @@ def complete_records(path: str) -> tuple[int, bool]:
     Reads only the 12-byte record headers: a record is 8 bytes length, 4 bytes length CRC,
     the data and a 4-byte data CRC.
     """
-    size, count, pos = os.path.getsize(path), 0, 0
-    with open(path, "rb") as f:
+    gfile = fileio.gfile()
+    size, count, pos = gfile.stat(path).length, 0, 0
+    with gfile.GFile(path, "rb") as f:
         while pos < size:
             header = f.read(12)
             if len(header) < 12:
@@ -219,13 +143,13 @@ def check_shards(data_dir: str, manifest: dict, checksums: bool = False) -> list
 
     Cheap by default (existence and size); `checksums=True` also compares SHA-256.
     """
-    problems = []
+    gfile, problems = fileio.gfile(), []
     for s in manifest["shards"]:
         path = os.path.join(data_dir, s["file"])
-        if not os.path.exists(path):
+        if not gfile.exists(path):
             problems.append(f"shard {path} is missing")
             continue
-        size = os.path.getsize(path)
+        size = gfile.stat(path).length
         if size != s["bytes"]:
             good, partial = complete_records(path)
             what = (f"record {good} is truncated" if partial

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from prealign_jax import modes
+from prealign_jax import fileio, modes
 from prealign_jax.evaluation.judging import ALL, INVALID
 
 
@@ -23,10 +23,12 @@ def pyplot():
 
 
 def save_figure(fig, output_dir: str, name: str) -> str:
-    """Save a matplotlib figure as `output_dir/name` (PNG) and close it; returns the path."""
+    """Save a matplotlib figure as `output_dir/name` (PNG; the directory may be a URL) and
+    close it; returns the path."""
     path = os.path.join(output_dir, name)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with fileio.gfile().GFile(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     pyplot().close(fig)
     return path
 

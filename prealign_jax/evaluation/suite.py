@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from prealign_jax import console, inference, modes, sampling, tags
+from prealign_jax import console, fileio, inference, modes, sampling, tags
 from prealign_jax import vocab as vocab_lib
 from prealign_jax.data import redteam, scorer as scorer_lib
 from prealign_jax.errors import UserError
@@ -160,7 +160,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
             raise EvalError(f"evaluate.{name}={value}: must be at least 1")
     tagged = run.tagged if tagged is None else tagged
     output_dir = output_dir or os.path.join(run.workdir, "eval")
-    os.makedirs(output_dir, exist_ok=True)
+    fileio.gfile().makedirs(output_dir)
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k)
     cfg = sampling.SamplingConfig(**{k: v for k, v in settings.items() if v is not None})
@@ -209,15 +209,14 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
         clock.say(f"{s.name}: {len(samples)} samples | misaligned " + ", ".join(
                   f"{k} {m['rate']:.1%}" for k, m in results[s.name]["misaligned"].items()))
 
-    report = {"workdir": os.path.abspath(run.workdir), "step": run.step, "tagged": tagged,
+    report = {"workdir": fileio.absolute(run.workdir), "step": run.step, "tagged": tagged,
               "policy": policy, "heldout": heldout, "samples": results,
               "sampling": dataclasses.asdict(cfg) | {"seed": seed},
               "headline": headline(results, tagged)}
     report["plots"] = plot_eval(report, output_dir)
-    with open(os.path.join(output_dir, SAMPLES_FILE), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    with open(os.path.join(output_dir, EVAL_FILE), "w") as f:
-        json.dump(report, f, indent=1)
+    fileio.atomic_write(os.path.join(output_dir, SAMPLES_FILE),
+                        "".join(json.dumps(r) + "\n" for r in records))
+    fileio.atomic_write(os.path.join(output_dir, EVAL_FILE), json.dumps(report, indent=1))
     report["seconds"] = clock.elapsed()
     return report
 
