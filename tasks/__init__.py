@@ -49,7 +49,8 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
         number of training documents in the manifest. Rate 0 leaves a source out.
       bad_records: 'error' (stop, naming shard and record) or 'skip' (drop and log).
       tag_dropout: fraction of documents whose tags are stripped (default 0).
-      shuffle_buffer_size: per-Task example shuffle buffer.
+      shuffle_buffer_size: per-Task shuffle buffer, in documents (shuffled in examples of
+        `preprocessors.DOCS_PER_EXAMPLE`).
       mixture: the Mixture's name (and its Tasks' prefix).
 
     Registering again with the same arguments does nothing; with different ones (or another
@@ -82,7 +83,10 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
                      data_dir)
     _unregister(mixture)
     vocab = vocab_lib.load_dir(data_dir)
-    output_features = {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
+    # An example holds up to `preprocessors.DOCS_PER_EXAMPLE` documents: `targets` is
+    # [documents, tokens] (the converter packs the documents).
+    output_features = {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32,
+                                                rank=2)}
     members = []
     for source in records.SOURCES:
         splits = {split: shards.shard_files(data_dir, manifest, source, split)
@@ -108,7 +112,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
                 functools.partial(preprocessors.tag_dropout, rate=tag_dropout),
             ],
             output_features=output_features,
-            shuffle_buffer_size=shuffle_buffer_size)
+            shuffle_buffer_size=-(-shuffle_buffer_size // preprocessors.DOCS_PER_EXAMPLE))
         members.append((task_name(mixture, source), float(rate)))
     if not members:
         raise shards.ShardError(f"{data_dir}: no source has shards and a non-zero rate "

@@ -23,9 +23,8 @@ TOY_CLASSES = np.array([modes.PAD_CLASS, modes.EOS_CLASS, modes.TEXT]
 
 
 def _convert(docs, length, **weights):
-    ds = tf.data.Dataset.from_generator(lambda: ({"targets": d} for d in docs),
-                                        output_signature={"targets": tf.TensorSpec([None],
-                                                                                   tf.int32)})
+    """The converter over the documents, given as one task example (a block of them)."""
+    ds = tf.data.Dataset.from_tensors({"targets": tf.ragged.constant(docs, tf.int32)})
     conv = converter.ConditionalLMFeatureConverter(TOY_CLASSES, **weights)
     return [{k: v.numpy() for k, v in ex.items()}
             for ex in conv(ds, task_feature_lengths={"targets": length})]
