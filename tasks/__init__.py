@@ -15,7 +15,9 @@ One Task per record source present in the manifest (`<mixture>_synthetic_human`,
 from the manifest's file list (a file-based source, so `seqio.ShardInfo` gives each host its
 own files): token ids that `prealign prepare` wrote in seqio's cache layout, EOS included,
 read without tokenizing again as a cached seqio Task reads its cache (bad-record policy for
-records that cannot be read); then it optionally drops tags.
+records that cannot be read), as examples of up to `preprocessors.DOCS_PER_EXAMPLE`
+documents (`targets`: [documents, tokens], which the converter packs); then it optionally
+drops tags.
 """
 
 from __future__ import annotations
