@@ -321,3 +321,9 @@ def test_packing_matches_seqio_trim_and_pack():
         assert a.keys() == b.keys()
         for k in b:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_interleave_takes_one_document_of_every_block_in_turn():
+    blocks = tf.ragged.constant([[[1], [2], [3]], [[10]], [[20], [21]]], tf.int32)
+    got = converter.interleave(blocks).to_list()
+    assert got == [[1], [10], [20], [2], [21], [3]]

@@ -104,7 +104,8 @@ class ConditionalLMFeatureConverter(seqio.FeatureConverter):
     decoder_segment_ids, decoder_positions (int32) and decoder_loss_weights (float32).
     """
 
-    # A task example is a block of documents, [documents, tokens] (tasks/: DOCS_PER_EXAMPLE).
+    # A task example is a block of documents, [documents, tokens]
+    # (preprocessors.DOCS_PER_EXAMPLE).
     TASK_FEATURES = {"targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=2,
                                                                   sequence_dim=1)}
     MODEL_FEATURES = {
