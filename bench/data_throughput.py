@@ -1,6 +1,6 @@
 """Data plane throughput; prints one JSON object.
 
-    python bench/data_throughput.py [--scenarios 100000] [--data_dir D]
+    python bench/data_throughput.py [--scenarios 200000] [--data_dir D]
 
 - prepare: `prealign prepare`'s Beam pipeline on the DirectRunner, documents per second of
   the pipeline run (the manifest's figure: from reading the sources to the committed
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", help="read this data dir (default: the 1-worker "
                         "prepare's)")
-    parser.add_argument("--scenarios", type=int, default=100000,
+    parser.add_argument("--scenarios", type=int, default=200000,
                         help="synthetic scenarios of each prepare run")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--length", type=int, default=256)

@@ -15,7 +15,9 @@ One Task per record source present in the manifest (`<mixture>_synthetic_human`,
 from the manifest's file list (a file-based source, so `seqio.ShardInfo` gives each host its
 own files): token ids that `prealign prepare` wrote in seqio's cache layout, EOS included,
 read without tokenizing again as a cached seqio Task reads its cache (bad-record policy for
-records that cannot be read); then it optionally drops tags.
+records that cannot be read), as examples of up to `preprocessors.DOCS_PER_EXAMPLE`
+documents (`targets`: [documents, tokens], which the converter packs); then it optionally
+drops tags.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
         number of training documents in the manifest. Rate 0 leaves a source out.
       bad_records: 'error' (stop, naming shard and record) or 'skip' (drop and log).
       tag_dropout: fraction of documents whose tags are stripped (default 0).
-      shuffle_buffer_size: per-Task example shuffle buffer.
+      shuffle_buffer_size: per-Task shuffle buffer, in documents (shuffled in examples of
+        `preprocessors.DOCS_PER_EXAMPLE`).
       mixture: the Mixture's name (and its Tasks' prefix).
 
     Registering again with the same arguments does nothing; with different ones (or another
@@ -82,7 +85,10 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
                      data_dir)
     _unregister(mixture)
     vocab = vocab_lib.load_dir(data_dir)
-    output_features = {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
+    # An example holds up to `preprocessors.DOCS_PER_EXAMPLE` documents: `targets` is
+    # [documents, tokens] (the converter packs the documents).
+    output_features = {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32,
+                                                rank=2)}
     members = []
     for source in records.SOURCES:
         splits = {split: shards.shard_files(data_dir, manifest, source, split)
@@ -108,7 +114,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
                 functools.partial(preprocessors.tag_dropout, rate=tag_dropout),
             ],
             output_features=output_features,
-            shuffle_buffer_size=shuffle_buffer_size)
+            shuffle_buffer_size=-(-shuffle_buffer_size // preprocessors.DOCS_PER_EXAMPLE))
         members.append((task_name(mixture, source), float(rate)))
     if not members:
         raise shards.ShardError(f"{data_dir}: no source has shards and a non-zero rate "

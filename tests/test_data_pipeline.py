@@ -23,9 +23,8 @@ TOY_CLASSES = np.array([modes.PAD_CLASS, modes.EOS_CLASS, modes.TEXT]
 
 
 def _convert(docs, length, **weights):
-    ds = tf.data.Dataset.from_generator(lambda: ({"targets": d} for d in docs),
-                                        output_signature={"targets": tf.TensorSpec([None],
-                                                                                   tf.int32)})
+    """The converter over the documents, given as one task example (a block of them)."""
+    ds = tf.data.Dataset.from_tensors({"targets": tf.ragged.constant(docs, tf.int32)})
     conv = converter.ConditionalLMFeatureConverter(TOY_CLASSES, **weights)
     return [{k: v.numpy() for k, v in ex.items()}
             for ex in conv(ds, task_feature_lengths={"targets": length})]
@@ -322,3 +321,9 @@ def test_packing_matches_seqio_trim_and_pack():
         assert a.keys() == b.keys()
         for k in b:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_interleave_takes_one_document_of_every_block_in_turn():
+    blocks = tf.ragged.constant([[[1], [2], [3]], [[10]], [[20], [21]]], tf.int32)
+    got = converter.interleave(blocks).to_list()
+    assert got == [[1], [10], [20], [2], [21], [3]]

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from prealign_jax import modes, tf_cpu
-from prealign_jax.data import fsm_tf
+from prealign_jax.data import fsm_tf, preprocessors
 
 tf = tf_cpu.import_tf()
 import seqio  # noqa: E402  (after tf_cpu)
@@ -68,6 +68,19 @@ def pack_window(window, length: int) -> dict:
             "targets_positions": scatter(positions.flat_values)}
 
 
+def interleave(blocks):
+    """The documents of a window of blocks (`[blocks, documents, tokens]`, ragged) in the
+    order first of every block, then second of every block, ...: a block holds consecutive
+    documents of one source, so this mixes the Mixture's sources within every row and
+    batch, as sampling document by document would, without a shuffle."""
+    docs = blocks.values
+    block = tf.cast(blocks.value_rowids(), tf.int32)
+    position = tf.range(tf.shape(block)[0]) - tf.gather(tf.cast(blocks.row_splits, tf.int32),
+                                                         block)
+    order = tf.argsort(position * tf.cast(blocks.nrows(), tf.int32) + block, stable=True)
+    return tf.gather(docs, order)
+
+
 def weight_table(mode_weights: Mapping[str, float] | None = None,
                  tag_weight: float = 1.0) -> np.ndarray:
     """`[C, M+1]` loss weight of a token by (class, mode it is read in); the last column is
@@ -91,7 +104,10 @@ class ConditionalLMFeatureConverter(seqio.FeatureConverter):
     decoder_segment_ids, decoder_positions (int32) and decoder_loss_weights (float32).
     """
 
-    TASK_FEATURES = {"targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+    # A task example is a block of documents, [documents, tokens]
+    # (preprocessors.DOCS_PER_EXAMPLE).
+    TASK_FEATURES = {"targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=2,
+                                                                  sequence_dim=1)}
     MODEL_FEATURES = {
         "decoder_target_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
         "decoder_input_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
@@ -102,7 +118,9 @@ class ConditionalLMFeatureConverter(seqio.FeatureConverter):
     def __init__(self, token_class: np.ndarray, mode_weights: Mapping[str, float] | None = None,
                  tag_weight: float = 1.0, policy: modes.Policy | str = modes.GRAMMAR,
                  **kwargs):
-        super().__init__(pack=True, **kwargs)
+        # Documents longer than the length are trimmed by the packer, as seqio's are; the
+        # length check would refuse them first.
+        super().__init__(pack=True, apply_length_check=False, **kwargs)
         self._token_class = np.asarray(token_class, np.int32)
         self._weights = weight_table(mode_weights, tag_weight)
         self._tables = modes.get_policy(policy).compile()
@@ -130,10 +148,13 @@ class ConditionalLMFeatureConverter(seqio.FeatureConverter):
 
     def _convert_features(self, ds, task_feature_lengths):
         length = task_feature_lengths["targets"]
-        # Packed and converted a window at a time (many rows per op); unbatched for seqio's
-        # contract.
-        return (ds.ragged_batch(length)
-                .map(lambda w: self._convert_batch(pack_window(w, length)),
+        # A window of about `length` documents (seqio packs windows of `length` examples),
+        # interleaved across its blocks, packed and converted at once (many rows per op);
+        # rows unbatched for seqio's contract.
+        blocks = max(1, length // preprocessors.DOCS_PER_EXAMPLE)
+        return (ds.ragged_batch(blocks)
+                .map(lambda w: self._convert_batch(pack_window(
+                    {"targets": interleave(w["targets"])}, length)),
                      num_parallel_calls=tf.data.AUTOTUNE)
                 .unbatch())
 
