@@ -396,3 +396,11 @@ def test_an_empty_input_without_scenarios_is_one_line(tmp_path):
     assert str(e.value) == (
         f"no documents to prepare: prepare.num_scenarios=0 and --from_text "
         f"{path} holds no usable records; give text with documents or num_scenarios > 0")
+
+
+def test_a_data_dir_no_file_system_reaches_is_one_line(tmp_path):
+    from prealign_jax.data import prepare
+
+    with pytest.raises(UserError, match=r"^data dir nosuchfs://b/data: File system scheme "
+                       r"'nosuchfs' not implemented .*; give a local path or a URL "):
+        prepare.prepare(data_dir="nosuchfs://b/data", num_scenarios=10, vocab_size=300)

@@ -20,7 +20,7 @@ import re
 import time
 from typing import Iterator, Mapping, Sequence
 
-from prealign_jax import console, fileio, vocab as vocab_lib
+from prealign_jax import console, fileio, tf_cpu, vocab as vocab_lib
 from prealign_jax.data import generator, ingest, records, shards
 from prealign_jax.errors import UserError
 
@@ -107,6 +107,12 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
         raise UserError(f"--direct_num_workers={direct_num_workers!r}: give a positive "
                         "number of worker processes")
     data_dir = fileio.absolute(data_dir)
+    try:
+        fileio.gfile().exists(data_dir)
+    except tf_cpu.import_tf().errors.OpError as e:  # an unknown scheme, no credentials
+        raise UserError(f"data dir {data_dir}: {e.message.splitlines()[0]}; give a local "
+                        "path or a URL TensorFlow's file systems reach (gs://...) with "
+                        "credentials for it") from None
     imported = os.path.join(data_dir, vocab_lib.TOKENIZER_FILE)
     if tokenizer_file is None and fileio.gfile().exists(imported):
         raise UserError(f"{data_dir} holds an imported tokenizer; prepare with it: "
