@@ -59,15 +59,20 @@ def train(texts: Iterable[str], model_path: str, vocab_size: int,
         raise VocabError(f"vocab_size={vocab_size} is too small: the tags, special ids and "
                          f"byte pieces alone take {minimum}; choose a larger vocab_size")
     proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=proto, vocab_size=vocab_size,
-        model_type=model_type, user_defined_symbols=list(modes.TAGS),
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, byte_fallback=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=False, character_coverage=0.9995, split_digits=True,
-        max_sentence_length=max_sentence_length, hard_vocab_limit=False,
-        num_threads=1,  # deterministic: same texts -> same model bytes
-        minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=proto, vocab_size=vocab_size,
+            model_type=model_type, user_defined_symbols=list(modes.TAGS),
+            pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, byte_fallback=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, character_coverage=0.9995, split_digits=True,
+            max_sentence_length=max_sentence_length, hard_vocab_limit=False,
+            num_threads=1,  # deterministic: same texts -> same model bytes
+            minloglevel=2)
+    except RuntimeError as e:  # e.g. fewer pieces than the sample's characters need
+        raise VocabError(f"vocab_size={vocab_size}: SentencePiece cannot train it ("
+                         f"{str(e).split('] ')[-1].splitlines()[0][:160]}); choose a larger "
+                         "vocab_size") from None
     fileio.gfile().makedirs(os.path.dirname(fileio.absolute(model_path)))
     fileio.atomic_write(model_path, proto.getvalue())
     return model_path

@@ -404,3 +404,26 @@ def test_a_data_dir_no_file_system_reaches_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^data dir nosuchfs://b/data: File system scheme "
                        r"'nosuchfs' not implemented .*; give a local path or a URL "):
         prepare.prepare(data_dir="nosuchfs://b/data", num_scenarios=10, vocab_size=300)
+
+
+@pytest.mark.parametrize("runner, message", [
+    ("NoSuchRunner", r"^--runner=NoSuchRunner: Unexpected pipeline runner: NoSuchRunner\. "),
+    ("DataflowRunner", r"^--runner=DataflowRunner: Missing .*; pass them after `--` "),
+])
+def test_a_runner_without_what_it_needs_is_one_line(tmp_path, runner, message):
+    from prealign_jax.data import prepare
+
+    with pytest.raises(UserError, match=message):
+        prepare.prepare(data_dir=str(tmp_path / "data"), num_scenarios=5, vocab_size=600,
+                        runner=runner)
+    assert not os.path.exists(tmp_path / "data")
+
+
+def test_a_vocabulary_sentencepiece_cannot_train_is_one_line(tmp_path):
+    from prealign_jax.data import prepare
+
+    with pytest.raises(UserError, match=r"^vocab_size=300: SentencePiece cannot train it \("
+                       r"Vocabulary size is smaller than required_chars.*choose a larger "
+                       r"vocab_size$"):
+        prepare.prepare(data_dir=str(tmp_path / "data"), num_scenarios=5, vocab_size=300)
+    assert not os.path.exists(tmp_path / "data")

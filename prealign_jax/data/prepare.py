@@ -138,8 +138,19 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
         options += [f"--direct_num_workers={direct_num_workers}", "--direct_running_mode="
                     + ("multi_processing" if direct_num_workers > 1 else "in_memory")]
     options += pipeline_options  # last: they override the defaults above
+    _check_runner(runner)
     _build(data_dir, config, digest, options)
     return data_dir
+
+
+def _check_runner(runner: str) -> None:
+    """An unknown runner is a one-line error before the vocabulary trains."""
+    from apache_beam.runners import runner as beam_runner
+
+    try:
+        beam_runner.create_runner(runner)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"--runner={runner}: {str(e).splitlines()[0][:200]}") from None
 
 
 def config_hash(config: Config) -> str:
@@ -221,6 +232,11 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
                               + r"(.*?\))(?: \[while|\\n|\n|'|$)", str(e))
             if found:
                 raise ingest.IngestError(found.group(1)) from None
+            if str(e).startswith("Pipeline has validations errors"):
+                missing = "; ".join(line.strip() for line in str(e).splitlines()[1:]
+                                    if line.strip())
+                raise UserError(f"--runner={options[0].split('=', 1)[1]}: {missing}; pass "
+                                "them after `--` (see the README's Data section)") from None
             raise
         seconds = time.perf_counter() - start
         parts = os.path.join(build_dir, beam_pipeline.PARTS)
