@@ -230,7 +230,7 @@ def serve_command(args) -> None:
                  policies=policies, max_batch=args.max_batch, max_n=args.max_n,
                  steps_per_call=args.steps_per_call, api_key=api_key,
                  allow_unmasked=args.allow_unmasked, name=args.model_name,
-                 drain_timeout=args.drain_timeout)
+                 drain_timeout=args.drain_timeout, tagged_content=args.tagged_content)
 
 
 def export_command(args) -> None:
@@ -381,7 +381,10 @@ COMMANDS = {
          (("--model_name",), dict(default=None, help="the model's id in the API "
                                   "(default: the workdir's name)")),
          (("--drain_timeout",), dict(type=float, default=60.0, help="seconds SIGTERM "
-                                     "waits for requests in flight"))),
+                                     "waits for requests in flight")),
+         (("--tagged_content",), dict(action="store_true", help="answer with the tagged "
+                                      "text, from the span the prompt opened (a teacher for "
+                                      "prealign synthesize)"))),
         workdir="a trained run (required)"),
     "experiment": Command(
         experiment_command,

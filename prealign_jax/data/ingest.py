@@ -79,6 +79,24 @@ def read_input(path: str, mode: str = "human", tagged: bool = False, label_fn=No
         yield BadRecord(path, f"{path}:{line}", problem)
 
 
+def read_records(path: str) -> Iterator[records.Document | BadRecord]:
+    """Document records of a JSONL file (`records.to_json` lines: `prealign synthesize`'s
+    corpus), kept as they are (their tags are checked when they are tokenized)."""
+    tf = tf_cpu.import_tf()
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+    except tf.errors.OpError as e:
+        raise IngestError(f"--documents {path}: cannot read it ({_one_line(e.message)})"
+                          ) from None
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if line.strip():
+            try:
+                yield records.from_json(line)
+            except (ValueError, TypeError) as e:
+                yield BadRecord(path, f"{path}:{number}", _one_line(str(e)))
+
+
 def read_documents(paths, mode: str = "human", tagged: bool = False,
                    bad_records: str = "error", label_fn=None) -> Iterator[records.Document]:
     """Documents of the given inputs, in order, with the bad-record policy applied:
