@@ -17,9 +17,10 @@ Documents are compared on `normalize(text)`: tags removed, lowercased, punctuati
   is equal, which happens with probability 1 - (1 - J^r)^b, an S-curve in J. (b, r) come
   from datasketch's `MinHashLSH`, which minimizes the false positive plus false negative
   area around `threshold`; for 0.8 and 128 hashes that is b=9, r=13: J=0.7 is flagged with
-  probability 0.08, J=0.8 with 0.40, J=0.9 with 0.93, J=0.95 with 0.998. A lower threshold
-  drops more paraphrases (and more documents that merely share a long template); a higher
-  one lets more near copies through. A near duplicate missed costs a little repetition in
+  probability 0.08, J=0.8 with 0.40, J=0.9 with 0.93, J=0.95 with 0.998 (equal weights put
+  the curve's midpoint, (1/b)^(1/r) = 0.84, above the threshold). A lower threshold drops
+  more paraphrases (and more documents that merely share a long template); a higher one
+  lets more near copies through. A near duplicate missed costs a little repetition in
   training; one wrongly dropped costs one synthetic document, of which there are plenty.
 
 Banding is done in Beam, not in an in-memory `MinHashLSH`: each document emits one key per
