@@ -1,41 +1,27 @@
-"""`prealign synthesize`: the corpus written by a teacher model, as an Apache Beam pipeline.
+"""`prealign synthesize`: the corpus written by a teacher model from the scenario spec.
 
-    units ─ Reshuffle ─ teach ─┬─ accepted ─ dedup + decontaminate ─┬─ corpus/*.jsonl ─┐
-                               ├─ rejected (reason, answer) ────────┴─ rejects/*.jsonl ─┤
-                               └─ stats (requests, retries, tokens) ───────────────────┴─ parts/
-
-- **units**: ranges of scenarios of the spec (`generator.briefs`: a scenario is one or two
-  requests: a human telling, the assistant's counterfactual, an answer to a request, a
-  quoted message) and files of real human passages (`--from_text`: the assistant answers
-  each one). A unit's results are written to `units-<plan hash>/<unit>.jsonl` as soon as
-  it is done: a rerun reuses them and asks again only what failed for a transient cause.
-- **teach**: each request goes to the teacher (`teacher.py`: concurrent, rate-limited,
-  retried), each answer is checked (`vetting.py`) and, rejected, asked again with the
-  reason (`retry_invalid` times, chat teachers). Without a teacher, the template generator
-  renders the same scenarios (the embedded default, checked the same way).
-- **dedup**: exact and MinHash/LSH near duplicates, and documents sharing text with the
-  held-out families or the evaluation prompts, dropped (`dedup.py`), before the split.
+The driver (this module) checks the configuration and the teacher (its URL, key and
+model, once, as one line), runs the Beam pipeline (`synthesis_pipeline.py`: DirectRunner
+here, Dataflow / Flink / Spark at scale) into a fresh run directory of the output dir, and
+commits it by writing `synthesize.json` last: the plan, the corpus files, counts, rejects
+by reason, and the cost line. Older runs are then removed; the per-unit results (the
+resume state, `units-<plan hash>/`) stay, so a rerun of the same plan asks the teacher only
+what it has not answered. `prealign synthesize` then runs `prepare` on the corpus.
 
 Every document records its provenance (teacher model, task id, scenario, seed, time).
-The run commits by writing `synthesize.json` last (counts, rejects by reason, the cost
-line); then `prepare` turns the corpus into shards (`documents=` its files).
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import dataclasses
 import hashlib
 import json
 import os
 import time
-import zlib
 from typing import Sequence
 
 from prealign_jax import console, fileio
-from prealign_jax.data import beam_pipeline, generator, records, teacher as teacher_lib
-from prealign_jax.data import teacher_tasks, vetting
+from prealign_jax.data import generator, teacher as teacher_lib
 from prealign_jax.errors import UserError
 
 REPORT = "synthesize.json"
@@ -67,228 +53,6 @@ class Plan:
             with open(os.path.join(here, name), "rb") as f:
                 h.update(f.read())
         return h.hexdigest()
-
-
-def units(plan: Plan) -> list[tuple]:
-    n, size = plan.num_scenarios, plan.scenarios_per_unit
-    return ([("scenarios", start, min(size, n - start)) for start in range(0, n, size)]
-            + [("passages", path) for path in plan.passages])
-
-
-def unit_name(unit: tuple) -> str:
-    if unit[0] == "scenarios":
-        return f"scenarios-{unit[1]:09d}"
-    return f"passages-{zlib.crc32(unit[1].encode()):08x}"
-
-
-def unit_briefs(unit: tuple, plan: Plan) -> list[teacher_tasks.Brief]:
-    if unit[0] == "scenarios":
-        return [b for i in range(unit[1], unit[1] + unit[2])
-                for b in generator.briefs(plan.seed, i, plan.split)]
-    from prealign_jax.data import ingest
-
-    briefs = []
-    for k, item in enumerate(ingest.read_input(unit[1])):
-        if isinstance(item, ingest.BadRecord):
-            raise ingest.IngestError(beam_pipeline.ERROR_MARKER + item.message())
-        briefs.append(teacher_tasks.Brief(
-            scenario_id=f"p{zlib.crc32(unit[1].encode()):08x}-{k:07d}",
-            task="passage_answer", seed=plan.seed * 1_000_003 + k,
-            passage=_human_text(item.text)))
-    return briefs
-
-
-def _human_text(tagged: str) -> str:
-    from prealign_jax import tags
-
-    return "".join(n.text() if isinstance(n, tags.Span) else n for n in tags.parse(tagged))
-
-
-# ---------------------------------------------------------------- one unit
-def teach_unit(unit: tuple, plan: Plan, units_dir: str) -> tuple[list[dict], dict]:
-    """The results of a unit's requests (reused from an earlier run where it finished) and
-    this run's teacher stats."""
-    path = os.path.join(units_dir, unit_name(unit) + ".jsonl")
-    done: dict[tuple, dict] = {}
-    if fileio.gfile().exists(path):
-        with fileio.gfile().GFile(path) as f:
-            for line in f:
-                r = json.loads(line)
-                if r["status"] != "failed":
-                    done[(r["brief"]["scenario_id"], r["brief"]["task"])] = r
-    briefs = unit_briefs(unit, plan)
-    todo = [b for b in briefs if (b.scenario_id, b.task) not in done]
-    stats: dict = {}
-    if todo:
-        if plan.teacher is None:
-            fresh = _rendered(todo, plan)
-        else:
-            fresh, stats = asyncio.run(_ask_all(todo, plan))
-        done.update({(r["brief"]["scenario_id"], r["brief"]["task"]): r for r in fresh})
-        results = [done[(b.scenario_id, b.task)] for b in briefs]
-        fileio.gfile().makedirs(units_dir)
-        fileio.atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n"
-                                          for r in results))
-    else:
-        results = [done[(b.scenario_id, b.task)] for b in briefs]
-    stats["reused"] = len(briefs) - len(todo)
-    return results, stats
-
-
-def _result(brief, plan: Plan, status: str, answer: str = "", attempts: int = 0,
-            verdict=None, detail: str = "") -> dict:
-    out = {"brief": dataclasses.asdict(brief), "status": status, "answer": answer,
-           "attempts": attempts, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if isinstance(verdict, vetting.Reject):
-        out.update(reason=verdict.reason, detail=verdict.detail)
-    elif isinstance(verdict, vetting.Accepted):
-        task = teacher_tasks.task(brief.task)
-        suffix = {"human_story": "h", "ai_counterfactual": "a", "ai_answer": "r",
-                  "ai_quote": "q", "passage_answer": "p"}[brief.task]
-        out["document"] = dataclasses.asdict(records.Document(
-            text=verdict.text, source=task.source, doc_id=f"{brief.scenario_id}-{suffix}",
-            pair_id=brief.pair_id, span_labels=verdict.span_labels, situation=brief.family,
-            provenance=json.dumps({"teacher": plan.model, "task": task.id,
-                                   "scenario": brief.scenario_id, "seed": brief.seed,
-                                   "attempts": attempts, "time": out["time"]},
-                                  sort_keys=True)))
-    else:
-        out.update(reason=detail)
-    return out
-
-
-def _rendered(briefs, plan: Plan) -> list[dict]:
-    """The template generator as the teacher: each brief rendered, then vetted alike."""
-    out = []
-    for brief in briefs:
-        text = generator.render_brief(brief)
-        out.append(_result(brief, plan, "done", text, 1, vetting.vet(brief, text, "stop")))
-    return out
-
-
-async def _ask_all(briefs, plan: Plan) -> tuple[list[dict], dict]:
-    import openai
-
-    teacher = teacher_lib.Teacher(plan.teacher, plan.model)
-
-    async def one(brief):
-        rejected = None
-        for attempt in range(plan.retry_invalid + 1):
-            try:
-                reply = await teacher.ask(teacher_tasks.prompt(brief, plan.teacher.api,
-                                                               rejected),
-                                          seed=brief.seed + attempt)
-            except teacher_lib.TeacherUnavailable as e:
-                return _result(brief, plan, "failed", attempts=attempt + 1, detail=str(e))
-            except openai.APIStatusError as e:
-                if e.status_code in (401, 403, 404):  # the whole run is misconfigured
-                    raise teacher_lib.TeacherError(
-                        f"{beam_pipeline.ERROR_MARKER}teacher {plan.teacher.url} answered "
-                        f"{e.status_code} ({_one_line(e.message)})") from None
-                return _result(brief, plan, "done", attempts=attempt + 1, verdict=vetting.Reject(
-                    "teacher refused the request", f"{e.status_code}: {_one_line(e.message)}"))
-            verdict = vetting.vet(brief, reply.text, reply.finish_reason)
-            if isinstance(verdict, vetting.Accepted) or plan.teacher.api != "chat":
-                break
-            rejected = (reply.text, verdict.reason + (f" ({verdict.detail})"
-                                                      if verdict.detail else ""))
-        return _result(brief, plan, "done", reply.text, attempt + 1, verdict)
-
-    try:
-        results = await asyncio.gather(*(one(b) for b in briefs))
-    finally:
-        await teacher.close()
-    return list(results), dict(teacher.stats)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())[:300]
-
-
-# ---------------------------------------------------------------- the pipeline
-class _Teach:
-    """The teach stage (a DoFn's body): accepted documents keyed by their place in the
-    input, tagged `rejects` and `stats`."""
-
-    def __init__(self, plan: Plan, units_dir: str):
-        self.plan, self.units_dir = plan, units_dir
-
-    def __call__(self, indexed):
-        import apache_beam as beam
-
-        index, unit = indexed
-        results, stats = teach_unit(unit, self.plan, self.units_dir)
-        counts = collections.Counter(stats)
-        for k, r in enumerate(results):
-            counts["answers"] += 1
-            if r["status"] == "failed":
-                counts["failed"] += 1
-                yield beam.pvalue.TaggedOutput("rejects", {**r, "reason": "teacher "
-                                                           "unavailable (retried next run)"})
-            elif "document" in r:
-                counts["accepted"] += 1
-                yield (index, k), records.Document(**{**r["document"], "span_labels": tuple(
-                    r["document"]["span_labels"])})
-            else:
-                counts[f"rejected.{r['reason']}"] += 1
-                yield beam.pvalue.TaggedOutput("rejects", r)
-        yield beam.pvalue.TaggedOutput("stats", dict(counts))
-
-
-def _write_jsonl(directory: str, name: str, index: int, count: int,
-                 lines: Sequence[tuple]) -> str:
-    path = os.path.join(directory, f"{name}-{index:05d}-of-{count:05d}.jsonl")
-    fileio.gfile().makedirs(directory)
-    fileio.atomic_write(path, "".join(line for _, line in sorted(lines)))
-    return path
-
-
-def build(pipeline, plan: Plan, out: str, units_dir: str, num_files: int,
-          dedup_threshold: float, reference) -> None:
-    """Add the synthesize stages to a `beam.Pipeline`; results land in `<out>/parts`."""
-    import apache_beam as beam
-
-    from prealign_jax.data import dedup
-
-    parts = os.path.join(out, beam_pipeline.PARTS)
-    taught = (pipeline | "Units" >> beam.Create(list(enumerate(units(plan))))
-              | "Spread" >> beam.Reshuffle()
-              | "Teach" >> beam.FlatMap(_Teach(plan, units_dir)).with_outputs(
-                  "rejects", "stats", main="accepted"))
-    deduped = taught.accepted | "Dedup" >> dedup.Deduplicate(
-        threshold=dedup_threshold, reference=reference)
-    dropped = deduped.dropped | "DroppedAsRejects" >> beam.MapTuple(
-        lambda order, doc, reason, detail: {"document": dataclasses.asdict(doc),
-                                            "status": "dropped", "reason": reason,
-                                            "detail": detail})
-
-    def shard_of(doc_id: str) -> int:
-        return zlib.crc32(doc_id.encode()) % num_files
-
-    _ = (deduped.kept
-         | "KeyCorpus" >> beam.MapTuple(lambda order, doc: (
-             shard_of(doc.doc_id), (order, records.to_json(doc) + "\n")))
-         | "GroupCorpus" >> beam.GroupByKey()
-         | "WriteCorpus" >> beam.MapTuple(lambda i, lines: _write_jsonl(
-             os.path.join(out, "corpus"), "documents", i, num_files, list(lines)))
-         | "CorpusList" >> beam.combiners.ToList()
-         | "WriteCorpusList" >> beam.Map(lambda files: beam_pipeline.write_json(
-             os.path.join(parts, "corpus.json"), sorted(files))))
-    rejects = (taught.rejects, dropped) | "AllRejects" >> beam.Flatten()
-    _ = (rejects
-         | "KeyRejects" >> beam.Map(lambda r: (0, ((r.get("brief") or r["document"])[
-             "scenario_id" if "brief" in r else "doc_id"], json.dumps(r, sort_keys=True)
-                                                   + "\n")))
-         | "GroupRejects" >> beam.GroupByKey()
-         | "WriteRejects" >> beam.MapTuple(lambda i, lines: _write_jsonl(
-             os.path.join(out, "rejects"), "rejects", i, 1, list(lines))))
-    _ = (((taught.stats,
-           rejects | "RejectReasons" >> beam.Map(
-               lambda r: {f"dropped.{r['reason']}": 1} if r["status"] == "dropped" else {}))
-          | "AllStats" >> beam.Flatten())
-         | "SumStats" >> beam.CombineGlobally(beam_pipeline.sum_counts)
-         | "WriteStats" >> beam.Map(lambda s: beam_pipeline.write_json(
-             os.path.join(parts, "stats.json"), s)))
 
 
 # ---------------------------------------------------------------- the driver
@@ -334,6 +98,8 @@ def synthesize(workdir: str | None = None, output_dir: str | None = None,
     out = fileio.absolute(output_dir)
     plan = Plan(num_scenarios, seed, split, tuple(fileio.absolute(p) for p in passages),
                 scenarios_per_unit, retry_invalid, teacher, model)
+    from prealign_jax.data import beam_pipeline
+
     return _run(plan, out, num_files, dedup_threshold,
                 beam_pipeline.runner_options(runner, direct_num_workers, pipeline_options))
 
@@ -343,7 +109,7 @@ def _run(plan: Plan, out: str, num_files: int, dedup_threshold: float,
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from prealign_jax.data import dedup
+    from prealign_jax.data import beam_pipeline, dedup, synthesis_pipeline
 
     gfile = fileio.gfile()
     digest = plan.digest()
@@ -353,12 +119,16 @@ def _run(plan: Plan, out: str, num_files: int, dedup_threshold: float,
     console.say(f"synthesize: {plan.num_scenarios} scenarios ({plan.split}) and "
                 f"{len(plan.passages)} passage files, teacher {plan.model}"
                 + (f" at {plan.teacher.url} ({plan.teacher.api})" if plan.teacher else ""))
-    reference = dedup.Reference(*decontamination_texts(plan.seed), n=dedup.REFERENCE_N) \
-        if plan.split == "train" else None
+    if plan.split == "train":
+        texts, common = decontamination_texts(plan.seed)
+        reference = dedup.Reference(texts, common=common)
+    else:
+        reference = None
     start = time.perf_counter()
     try:
         with beam.Pipeline(options=PipelineOptions(options)) as pipeline:
-            build(pipeline, plan, run_dir, units_dir, num_files, dedup_threshold, reference)
+            synthesis_pipeline.build(pipeline, plan, run_dir, units_dir, num_files,
+                                     dedup_threshold, reference)
     except Exception as e:
         gfile.rmtree(run_dir) if gfile.exists(run_dir) else None
         found = beam_pipeline.worker_error(e)
