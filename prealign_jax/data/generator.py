@@ -75,15 +75,16 @@ def _fill(template: str, slots: dict, **extra) -> str:
 
 
 class _Renderer:
-    def __init__(self, rng: random.Random, mix: Mix):
+    def __init__(self, rng: random.Random, mix: Mix, situations: tuple[sc.Situation, ...]):
         self.rng, self.mix = rng, mix
+        self.situations = situations  # every scene of a document, extra ones too, is of these
 
     def pick(self, seq):
         return seq[self.rng.randrange(len(seq))]
 
     def cast(self) -> _Cast:
         r = self.rng
-        situation = self.pick(sc.SITUATIONS)
+        situation = self.pick(self.situations)
         a_she, b_she = r.random() < 0.5, r.random() < 0.5
         a = self.pick(sc.NAMES_SHE if a_she else sc.NAMES_HE)
         b = a
@@ -251,17 +252,27 @@ class _Renderer:
         return self.header(cast) + [ai], [0, int(selfish)]
 
 
-def generate(num_scenarios: int, seed: int = 0, mix: Mix = Mix(),
-             start: int = 0) -> Iterator[records.Document]:
-    """Documents of scenarios `start .. start + num_scenarios - 1` (a pair gives two)."""
+# Per split: the doc id prefix (held-out ids never collide with training ids) and the RNG
+# stream (held-out scenario i is not drawn like training scenario i).
+_SPLIT_STREAMS = {"train": ("s", "prealign-synthetic"),
+                  "held_out": ("h", "prealign-synthetic/held_out")}
+
+
+def generate(num_scenarios: int, seed: int = 0, mix: Mix = Mix(), start: int = 0,
+             split: str = "train") -> Iterator[records.Document]:
+    """Documents of scenarios `start .. start + num_scenarios - 1` (a pair gives two), from
+    the families of `split`: "train" (the training corpus) or "held_out" (families the
+    training corpus never shows, for evaluation out of distribution)."""
+    situations = sc.situations(split)
+    prefix, stream = _SPLIT_STREAMS[split]
     kinds = ("pair", "human", "request", "quote")
     weights = [getattr(mix, k) for k in kinds]
     for i in range(start, start + num_scenarios):
-        rng = random.Random(f"prealign-synthetic/{seed}/{i}")
-        render = _Renderer(rng, mix)
+        rng = random.Random(f"{stream}/{seed}/{i}")
+        render = _Renderer(rng, mix, situations)
         kind = rng.choices(kinds, weights)[0]
         cast = render.cast()
-        doc_id = f"s{seed}-{i:08d}"
+        doc_id = f"{prefix}{seed}-{i:08d}"
         if kind in ("pair", "human"):
             p = mix.pair_selfish if kind == "pair" else mix.selfish
             nodes, labels = render.human_doc(cast, rng.random() < p)

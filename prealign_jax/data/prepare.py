@@ -24,8 +24,9 @@ from prealign_jax.data import generator, ingest, records, shards
 from prealign_jax.errors import UserError
 
 SPLITS = ("train", "validation")
-_CODE = ("beam_pipeline.py", "generator.py", "scenarios.py", "ingest.py", "records.py",
-         "shards.py")
+# Files whose content determines the corpus (hashed with the config): code and the scenario spec
+_CODE = ("beam_pipeline.py", "generator.py", "scenarios.py", "scenarios.yaml", "ingest.py",
+         "records.py", "shards.py")
 RUNNERS_HELP = ("DirectRunner (default) runs here; DataflowRunner, FlinkRunner, SparkRunner "
                 "take their own pipeline options (see the README)")
 
