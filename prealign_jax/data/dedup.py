@@ -6,9 +6,10 @@
 
 Documents are compared on `normalize(text)`: tags removed, lowercased, punctuation dropped.
 
-- **contaminated**: the document shares a word 8-gram with a `Reference` (held-out family
-  renderings, evaluation prompts) that no `common` text has (template frames shared with
-  the training families must not count). Checked per document, before anything else.
+- **contaminated**: the document shares a word 8-gram with a `Reference`: one of the
+  held-out family renderings holding a word the training families never use (their frames
+  and names, shared with the training families in any combination, must not count), or
+  one of the evaluation prompts. Checked per document, before anything else.
 - **exact duplicate**: same normalized text (sha256). The first by `order` is kept.
 - **near duplicate**: estimated Jaccard similarity of word 5-gram shingles above about
   `threshold`. Exact Jaccard between all pairs is quadratic; a MinHash signature (datasketch,
@@ -88,13 +89,26 @@ def _ngram_hashes(words: list[str], n: int) -> np.ndarray:
 
 
 class Reference:
-    """Word n-grams of `texts` (normalized) that none of `common` has; picklable: a sorted
-    array of 64-bit hashes. A text shorter than n words contributes nothing."""
+    """What a training document must not share: the word n-grams (normalized) of `texts`
+    that hold a word the `common` texts never use — text specific to the held-out families,
+    not the frames and names they share with the training families, in any combination —
+    and every n-gram of the `verbatim` texts (evaluation prompts). Picklable: a sorted array
+    of 64-bit hashes. A text shorter than n words contributes nothing."""
 
-    def __init__(self, texts: Iterable[str], n: int = 8, common: Iterable[str] = ()):
+    def __init__(self, texts: Iterable[str], n: int = 8, common: Iterable[str] = (),
+                 verbatim: Iterable[str] = ()):
         self.n = n
-        held = {int(h) for t in texts for h in _ngram_hashes(normalize(t).split(), n)}
-        held -= {int(h) for t in common for h in _ngram_hashes(normalize(t).split(), n)}
+        vocabulary = {w for t in common for w in normalize(t).split()}
+        held = set()
+        for t in texts:
+            words = normalize(t).split()
+            if len(words) < n:
+                continue
+            specific = np.array([w not in vocabulary for w in words], np.int64)
+            # the n-grams holding a specific word: a window sum over the flags
+            window = np.convolve(specific, np.ones(n, np.int64), "valid")
+            held |= {int(h) for h, k in zip(_ngram_hashes(words, n), window) if k}
+        held |= {int(h) for t in verbatim for h in _ngram_hashes(normalize(t).split(), n)}
         self.hashes = np.array(sorted(held), np.uint64)
 
     def __len__(self) -> int:

@@ -52,18 +52,21 @@ def unit_name(unit: tuple) -> str:
     return f"passages-{zlib.crc32(unit[1].encode()):08x}"
 
 
-def unit_briefs(unit: tuple, plan) -> list[teacher_tasks.Brief]:
+def unit_briefs(unit: tuple, plan) -> list[tuple[teacher_tasks.Brief, str | None]]:
+    """The unit's requests, each with the template generator's answer (None for a
+    passage: only a teacher answers real text)."""
     if unit[0] == "scenarios":
-        return [b for i in range(unit[1], unit[1] + unit[2])
-                for b in generator.briefs(plan.seed, i, plan.split)]
+        return [pair for i in range(unit[1], unit[1] + unit[2])
+                for pair in generator.briefs(plan.seed, i, plan.split)]
     briefs = []
     for k, item in enumerate(ingest.read_input(unit[1])):
         if isinstance(item, ingest.BadRecord):
             raise ingest.IngestError(beam_pipeline.ERROR_MARKER + item.message())
-        briefs.append(teacher_tasks.Brief(
-            scenario_id=f"p{zlib.crc32(unit[1].encode()):08x}-{k:07d}",
-            task="passage_answer", seed=plan.seed * 1_000_003 + k,
-            passage=_human_text(item.text)))
+        scenario_id = f"p{zlib.crc32(unit[1].encode()):08x}-{k:07d}"
+        briefs.append((teacher_tasks.Brief(
+            scenario_id=scenario_id, task="passage_answer",
+            seed=zlib.crc32(f"{plan.seed}/{scenario_id}".encode()),
+            passage=_human_text(item.text)), None))
     return briefs
 
 
@@ -85,14 +88,15 @@ def teach_unit(unit: tuple, plan, units_dir: str) -> tuple[list[dict], dict]:
                 r = json.loads(line)
                 if r["status"] != "failed":
                     done[(r["brief"]["scenario_id"], r["brief"]["task"])] = r
-    briefs = unit_briefs(unit, plan)
-    todo = [b for b in briefs if (b.scenario_id, b.task) not in done]
+    pairs = unit_briefs(unit, plan)
+    briefs = [b for b, _ in pairs]
+    todo = [(b, t) for b, t in pairs if (b.scenario_id, b.task) not in done]
     stats: dict = {}
     if todo:
         if plan.teacher is None:
-            fresh = _rendered(todo, plan)
+            fresh = [_result(b, plan, "done", t, 1, vetting.vet(b, t, "stop")) for b, t in todo]
         else:
-            fresh, stats = asyncio.run(_ask_all(todo, plan))
+            fresh, stats = asyncio.run(_ask_all([b for b, _ in todo], plan))
         done.update({(r["brief"]["scenario_id"], r["brief"]["task"]): r for r in fresh})
         results = [done[(b.scenario_id, b.task)] for b in briefs]
         fileio.gfile().makedirs(units_dir)
@@ -122,15 +126,6 @@ def _result(brief, plan, status: str, answer: str = "", attempts: int = 0,
                                   sort_keys=True)))
     else:
         out.update(reason=detail)
-    return out
-
-
-def _rendered(briefs, plan) -> list[dict]:
-    """The template generator as the teacher: each brief rendered, then vetted alike."""
-    out = []
-    for brief in briefs:
-        text = generator.render_brief(brief)
-        out.append(_result(brief, plan, "done", text, 1, vetting.vet(brief, text, "stop")))
     return out
 
 

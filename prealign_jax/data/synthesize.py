@@ -91,6 +91,9 @@ def synthesize(workdir: str | None = None, output_dir: str | None = None,
                         "similarity in (0, 1]")
     if not num_scenarios and not passages:
         raise UserError("nothing to synthesize: give --num_scenarios > 0 or --from_text")
+    if passages and teacher is None:
+        raise UserError("--from_text passages are answered by a teacher: give --teacher_url "
+                        "(the template generator writes scenarios only)")
     model = TEMPLATES
     if teacher is not None:
         teacher.check()
@@ -109,7 +112,7 @@ def _run(plan: Plan, out: str, num_files: int, dedup_threshold: float,
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from prealign_jax.data import beam_pipeline, dedup, synthesis_pipeline
+    from prealign_jax.data import beam_pipeline, synthesis_pipeline
 
     gfile = fileio.gfile()
     digest = plan.digest()
@@ -119,11 +122,7 @@ def _run(plan: Plan, out: str, num_files: int, dedup_threshold: float,
     console.say(f"synthesize: {plan.num_scenarios} scenarios ({plan.split}) and "
                 f"{len(plan.passages)} passage files, teacher {plan.model}"
                 + (f" at {plan.teacher.url} ({plan.teacher.api})" if plan.teacher else ""))
-    if plan.split == "train":
-        texts, common = decontamination_texts(plan.seed)
-        reference = dedup.Reference(texts, common=common)
-    else:
-        reference = None
+    reference = decontamination_reference(plan.seed) if plan.split == "train" else None
     start = time.perf_counter()
     try:
         with beam.Pipeline(options=PipelineOptions(options)) as pipeline:
@@ -157,16 +156,15 @@ def _run(plan: Plan, out: str, num_files: int, dedup_threshold: float,
     return report
 
 
-def decontamination_texts(seed: int) -> tuple[list[str], list[str]]:
-    """(reference, common): what training documents must not share — the held-out
-    families rendered by the templates, and the evaluation's red-team prompts — and the
-    phrasing they share with the training families (the templates' frames), which does
-    not count."""
-    from prealign_jax.data import redteam
+def decontamination_reference(seed: int):
+    """What training documents must not share (`dedup.Reference`): text specific to the
+    held-out families (their template renderings, less the training families' vocabulary)
+    and the evaluation's red-team prompts."""
+    from prealign_jax.data import dedup, redteam
 
-    held_out = [d.text for d in generator.generate(2000, seed, split="held_out")]
-    common = [d.text for d in generator.generate(2000, seed)]
-    return held_out + [p.text for p in redteam.PROMPTS], common
+    return dedup.Reference([d.text for d in generator.generate(2000, seed, split="held_out")],
+                           common=[d.text for d in generator.generate(2000, seed)],
+                           verbatim=[p.text for p in redteam.PROMPTS])
 
 
 def summary(report: dict) -> dict:
