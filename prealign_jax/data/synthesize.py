@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from typing import Sequence
 
 from prealign_jax import console, fileio
@@ -117,7 +118,7 @@ def _run(plan: Plan, out: str, num_files: int, dedup_threshold: float,
     gfile = fileio.gfile()
     digest = plan.digest()
     units_dir = os.path.join(out, f"units-{digest[:12]}")
-    run = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    run = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     run_dir = os.path.join(out, run)
     console.say(f"synthesize: {plan.num_scenarios} scenarios ({plan.split}) and "
                 f"{len(plan.passages)} passage files, teacher {plan.model}"
