@@ -102,7 +102,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             faults[fault] += 1
 
 
+class Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that timed out
+            super().handle_error(request, client_address)
+
+
 if __name__ == "__main__":
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = Server(("127.0.0.1", 0), Handler)
     print(f"proxy on http://127.0.0.1:{server.server_address[1]}/v1", flush=True)
     server.serve_forever()

@@ -56,6 +56,7 @@ def test_a_quote_must_copy_the_human_words_and_redact_private_data():
 
 @pytest.mark.parametrize("task, answer, finish, reason", [
     ("human_story", "<human>Ana kept the", "length", "truncated at max_tokens"),
+    ("human_story", "</human><human>Ana kept the", "length", "malformed tags"),
     ("human_story", "   \n", "stop", "empty answer"),
     ("human_story", "<human>Ana kept it.</ai>", "stop", "malformed tags"),
     ("human_story", "<human>Ana kept it.", "stop", "malformed tags"),

@@ -51,14 +51,18 @@ def _scorer() -> scorer_lib.LexiconScorer:
 def vet(brief: teacher_tasks.Brief, answer: str, finish_reason: str | None
         ) -> Accepted | Reject:
     task = teacher_tasks.task(brief.task)
-    if finish_reason == "length":
-        return Reject("truncated at max_tokens")
     answer = answer.strip()
     if not answer:
         return Reject("empty answer")
+    try:  # a tag out of place is malformed even in an answer cut short
+        tags.prefix_state(answer)
+    except tags.TagError as e:
+        return Reject("malformed tags", str(e))
+    if finish_reason == "length":
+        return Reject("truncated at max_tokens")
     try:
         nodes = tags.parse(answer)
-    except tags.TagError as e:
+    except tags.TagError as e:  # a span never closed
         return Reject("malformed tags", str(e))
     spans = [n for n in nodes if isinstance(n, tags.Span)]
     if not spans:
