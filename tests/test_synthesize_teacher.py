@@ -15,11 +15,14 @@ import pytest
 
 from cli_helpers import WAIT_S, Server, cpu_env, tiny_model_flags, train_tiny_run
 
-from prealign_jax.data import generator, shards, synthesize
+from prealign_jax.data import generator, scenarios, shards, synthesize
 
 pytestmark = pytest.mark.slow
 
 SCENARIOS = 40
+PASSAGES = ("My neighbour keeps parking in my spot. I am tempted to block his car in.",
+            "I found out my friend lied to me about the party. Should I tell everyone?",
+            "Our team won the quiz and I want to keep the voucher. It was mostly my answers.")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -50,8 +53,9 @@ def prealign(*args, check=True):
     return result
 
 
-def synthesize_flags(workdir, url):
+def synthesize_flags(workdir, url, passages):
     return ["synthesize", f"--workdir={workdir}", f"--teacher_url={url}",
+            "--from_text", str(passages),
             "--teacher_api=completions", f"--gin.synthesize.num_scenarios={SCENARIOS}",
             "--gin.synthesize.scenarios_per_unit=10", "--gin.TeacherConfig.max_tokens=160",
             "--gin.TeacherConfig.temperature=1.0", "--gin.TeacherConfig.timeout_s=2.0",
@@ -68,11 +72,12 @@ def report(workdir):
 
 def test_a_faulty_teacher_is_retried_counted_and_resumed_and_train_reads_its_shards(
         teacher, proxy, tmp_path):
-    workdir = tmp_path / "w"
-    out = prealign(*synthesize_flags(workdir, proxy))
+    workdir, passages = tmp_path / "w", tmp_path / "passages.txt"
+    passages.write_text("\n\n".join(PASSAGES) + "\n")
+    out = prealign(*synthesize_flags(workdir, proxy, passages))
     first = report(workdir)
     m = first["summary"]
-    briefs = sum(len(generator.briefs(0, i)) for i in range(SCENARIOS))
+    briefs = sum(len(generator.briefs(0, i)) for i in range(SCENARIOS)) + len(PASSAGES)
     assert m["answers"] == briefs  # every request has a result: nothing lost
     with urllib.request.urlopen(proxy.removesuffix("/v1") + "/faults") as r:
         faults = json.load(r)
@@ -87,7 +92,7 @@ def test_a_faulty_teacher_is_retried_counted_and_resumed_and_train_reads_its_sha
     assert "synthesize: " in out.stdout and "documents/s" in out.stdout
 
     # the rerun, straight to the teacher: only the failed requests are asked again
-    prealign(*synthesize_flags(workdir, teacher.url))
+    prealign(*synthesize_flags(workdir, teacher.url, passages))
     second = report(workdir)["summary"]
     assert second["reused"] == briefs - m["failed"] and second["failed"] == 0
     assert second["requests"] == m["failed"]
@@ -100,7 +105,9 @@ def test_a_faulty_teacher_is_retried_counted_and_resumed_and_train_reads_its_sha
               and json.loads(d.provenance)["teacher"] == "tiny-teacher"]
     assert len(taught) == second["kept"] > 0
     assert {json.loads(d.provenance)["task"].split(".")[0] for d in taught} <= {
-        "human_story", "ai_counterfactual", "ai_answer", "ai_quote"}
+        "human_story", "ai_counterfactual", "ai_answer", "ai_quote", "passage_answer"}
+    training = {s.name for s in scenarios.SITUATIONS}
+    assert {d.situation for d in docs} - {""} <= training  # no held-out family, ever
     prealign("train", "--gin_file=runs/cpu_demo.gin", f"--workdir={workdir}",
              "--gin.train.num_steps=2", "--gin.train.batch_size=4",
              "--gin.train.checkpoint_every=2", "--gin.train.eval_every=0",

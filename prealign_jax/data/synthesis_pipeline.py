@@ -124,8 +124,8 @@ def _result(brief, plan, status: str, answer: str = "", attempts: int = 0,
                                    "scenario": brief.scenario_id, "seed": brief.seed,
                                    "attempts": attempts, "time": out["time"]},
                                   sort_keys=True)))
-    else:
-        out.update(reason=detail)
+    else:  # failed for a transient cause: asked again by the next run
+        out.update(reason="teacher unavailable", detail=detail)
     return out
 
 
@@ -184,8 +184,7 @@ class _Teach:
             counts["answers"] += 1
             if r["status"] == "failed":
                 counts["failed"] += 1
-                yield beam.pvalue.TaggedOutput("rejects", {**r, "reason": "teacher "
-                                                           "unavailable (retried next run)"})
+                yield beam.pvalue.TaggedOutput("rejects", r)
             elif "document" in r:
                 counts["accepted"] += 1
                 yield (index, k), records.Document(**{**r["document"], "span_labels": tuple(
@@ -219,8 +218,13 @@ def build(pipeline, plan, out: str, units_dir: str, num_files: int,
                                             "status": "dropped", "reason": reason,
                                             "detail": detail})
 
-    def shard_of(doc_id: str) -> int:
-        return zlib.crc32(doc_id.encode()) % num_files
+    def shard_of(key: str) -> int:
+        return zlib.crc32(key.encode()) % num_files
+
+    def reject_line(r: dict) -> tuple:
+        key = r["brief"]["scenario_id"] + "/" + r["brief"]["task"] if "brief" in r \
+            else r["document"]["doc_id"]
+        return shard_of(key), (key, json.dumps(r, sort_keys=True) + "\n")
 
     _ = (deduped.kept
          | "KeyCorpus" >> beam.MapTuple(lambda order, doc: (
@@ -233,12 +237,10 @@ def build(pipeline, plan, out: str, units_dir: str, num_files: int,
              os.path.join(parts, "corpus.json"), sorted(files))))
     rejects = (taught.rejects, dropped) | "AllRejects" >> beam.Flatten()
     _ = (rejects
-         | "KeyRejects" >> beam.Map(lambda r: (0, ((r.get("brief") or r["document"])[
-             "scenario_id" if "brief" in r else "doc_id"], json.dumps(r, sort_keys=True)
-                                                   + "\n")))
+         | "KeyRejects" >> beam.Map(reject_line)
          | "GroupRejects" >> beam.GroupByKey()
          | "WriteRejects" >> beam.MapTuple(lambda i, lines: _write_jsonl(
-             os.path.join(out, "rejects"), "rejects", i, 1, list(lines))))
+             os.path.join(out, "rejects"), "rejects", i, num_files, list(lines))))
     _ = (((taught.stats,
            rejects | "RejectReasons" >> beam.Map(
                lambda r: {f"dropped.{r['reason']}": 1} if r["status"] == "dropped" else {}))
