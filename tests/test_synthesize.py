@@ -114,3 +114,20 @@ def test_bad_settings_are_one_line_errors(tmp_path, kwargs, needle):
         synthesize.synthesize(output_dir=str(tmp_path / "s"), **kwargs)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_line_that_is_not_a_document_record_is_a_bad_record(synthesized, tmp_path):
+    out, _ = synthesized
+    path = tmp_path / "docs.jsonl"
+    with fileio.gfile().GFile(synthesize.corpus_files(out)[0]) as f:
+        good = f.read().splitlines()[:20]
+    path.write_text("\n".join(good[:10] + ['{"text": "<human>hi</human>"}'] + good[10:]) + "\n")
+    with pytest.raises(UserError, match=r"docs.jsonl:11: not a document record"):
+        prepare.prepare(data_dir=str(tmp_path / "d"), num_scenarios=0, vocab_size=512,
+                        documents=[str(path)])
+    prepare.prepare(data_dir=str(tmp_path / "d"), num_scenarios=0, vocab_size=512,
+                    documents=[str(path)], bad_records="skip")
+    manifest = shards.read_manifest(str(tmp_path / "d"))
+    [(source, reasons)] = manifest["bad_records"].items()
+    assert list(reasons.values())[0]["count"] == 1
+    assert sum(c["documents"] for c in manifest["totals"].values()) == 20

@@ -82,13 +82,7 @@ def read_input(path: str, mode: str = "human", tagged: bool = False, label_fn=No
 def read_records(path: str) -> Iterator[records.Document | BadRecord]:
     """Document records of a JSONL file (`records.to_json` lines: `prealign synthesize`'s
     corpus), kept as they are (their tags are checked when they are tokenized)."""
-    tf = tf_cpu.import_tf()
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            data = f.read()
-    except tf.errors.OpError as e:
-        raise IngestError(f"--documents {path}: cannot read it ({_one_line(e.message)})"
-                          ) from None
+    data = _read_bytes(path, "--documents")
     for number, line in enumerate(data.split(b"\n"), start=1):
         if line.strip():
             try:
@@ -228,15 +222,18 @@ def _raw_records(path: str, tagged: bool, label_fn=None) -> Iterator[Record]:
         yield number, text, problem
 
 
-def _file_records(path: str, tagged: bool) -> Iterator[Record]:
-    """Records of a JSONL (line numbers) or plain text file (first line of each)."""
+def _read_bytes(path: str, flag: str) -> bytes:
     tf = tf_cpu.import_tf()
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except tf.errors.OpError as e:
-        raise IngestError(f"--from_text {path}: cannot read it ({_one_line(e.message)})"
-                          ) from None
+        raise IngestError(f"{flag} {path}: cannot read it ({_one_line(e.message)})") from None
+
+
+def _file_records(path: str, tagged: bool) -> Iterator[Record]:
+    """Records of a JSONL (line numbers) or plain text file (first line of each)."""
+    data = _read_bytes(path, "--from_text")
     if path.endswith(".jsonl") or tagged:
         for number, raw in enumerate(data.split(b"\n"), start=1):
             if not raw.strip():

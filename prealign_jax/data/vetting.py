@@ -11,8 +11,8 @@ the rejects side output with the answer and a detail:
 - `ai_quote`: `<ai>` spans holding at least one `<quote>` that copies the message, with
   every private value redacted.
 
-In every form an `<ai>` span may not contain a selfish act (the scorer's lexicon of the
-scenario spec, negations understood), and no answer may repeat 8 words in a row of the
+In every form an `<ai>` span may not contain a selfish act (the scorer's lexicon of all
+the spec's families, negations understood), and no answer may repeat 8 words in a row of the
 instructions (a leaked prompt).
 """
 
@@ -23,7 +23,7 @@ import functools
 import re
 
 from prealign_jax import tags
-from prealign_jax.data import scorer as scorer_lib, teacher_tasks
+from prealign_jax.data import scenarios, scorer as scorer_lib, teacher_tasks
 
 REASONS = ("truncated at max_tokens", "empty answer", "malformed tags", "missing tags",
            "wrong modes", "leaked prompt text", "selfish act inside <ai>",
@@ -45,7 +45,8 @@ class Accepted:
 
 @functools.lru_cache(maxsize=1)
 def _scorer() -> scorer_lib.LexiconScorer:
-    return scorer_lib.LexiconScorer()
+    """The selfish acts of every family, held-out ones included (they are written too)."""
+    return scorer_lib.LexiconScorer(scenarios.FAMILIES)
 
 
 def vet(brief: teacher_tasks.Brief, answer: str, finish_reason: str | None
