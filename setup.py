@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["prealign_jax", "prealign_jax.*"]) + ["prealign_jax.tasks"],
     package_dir={"prealign_jax.tasks": "tasks"},
     # the scenario spec the synthetic generator renders (read with importlib.resources)
-    package_data={"prealign_jax.data": ["scenarios.yaml"]},
+    package_data={"prealign_jax.data": ["scenarios.yaml", "teacher_tasks.yaml"]},
     # jax 0.10 / flax 0.12 / orbax 0.12 need Python >= 3.11; jax >= 0.11 needs >= 3.12.
     python_requires=">=3.11,<3.13",
     # The stack that breaks together is pinned exactly (T5X's install breakages came from
@@ -38,7 +38,7 @@ setup(
         "numpy>=2.0,<2.5",
         "protobuf>=5.28,<7",  # apache-beam 2.77 needs < 7, tensorflow 2.21 >= 6.31.1
         "tqdm>=4.66,<5",
-        "pyyaml>=6,<7",  # the scenario spec (prealign_jax/data/scenarios.yaml)
+        "pyyaml>=6,<7",  # the scenario spec and the teacher's tasks (data/*.yaml)
         "matplotlib>=3.9,<4",
         "clu>=0.0.12,<0.0.13",  # the trainer's metric writers (prealign_jax/writers.py)
         "tensorboard>=2.21,<2.22",  # clu imports it for TensorBoard; the minor of tensorflow

@@ -13,6 +13,7 @@ import argparse
 import collections
 import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import math
@@ -69,6 +70,11 @@ def prepare_command(args) -> None:
 def synthesize_command(args) -> None:
     from prealign_jax.configurables import bindings
     from prealign_jax.data import prepare, synthesize, teacher as teacher_lib
+
+    for module in ("datasketch", "openai"):  # dedup, the teacher client
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(f"prealign synthesize needs the [synthesize] extra ({module} "
+                             "is missing): pip install 'prealign-jax[synthesize]'")
 
     teacher = None
     if args.teacher_url:
