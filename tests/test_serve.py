@@ -9,72 +9,16 @@ import json
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
-import urllib.error
-import urllib.request
 
 import openai
 import pytest
 
-from cli_helpers import cpu_env, train_tiny_run
+from cli_helpers import KEY, WAIT_S, Server, train_tiny_run
 
 from prealign_jax import modes, tags, vocab
 
 pytestmark = pytest.mark.slow
-
-KEY = "sk-test-4f1c"
-WAIT_S = 300  # deadlock guards, not performance bounds
-
-
-class Server:
-    """A `prealign serve` process on a free port; its output is collected as it runs."""
-
-    def __init__(self, run_dir, *flags):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prealign_jax.main", "serve", f"--workdir={run_dir}",
-             "--port=0", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env=cpu_env())
-        self.lines, ready = [], threading.Event()
-        self.url = None
-
-        def read():
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if " on http://" in line and self.url is None:
-                    self.url = line.split(" on ")[1].split()[0]
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        ready.wait(WAIT_S)
-        assert self.url, "".join(self.lines)
-        self.base = self.url.removesuffix("/v1")
-
-    def client(self, key=KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=WAIT_S)
-
-    def post(self, path, body: bytes, key=KEY, content_type="application/json"):
-        """(status, JSON body) of a raw POST."""
-        headers = {"Content-Type": content_type}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.base + path, data=body, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=WAIT_S) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def get(self, path) -> str:
-        with urllib.request.urlopen(self.base + path, timeout=WAIT_S) as r:
-            return r.read().decode()
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(WAIT_S)
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

@@ -5,7 +5,8 @@
                                          └─ bad records (count per source, reason)   ┘
 
 - **units**: work items a worker reads alone, in a fixed order: a range of synthetic
-  scenarios, or one input (file or TFDS split). Reshuffle spreads them over workers.
+  scenarios, one input (file or TFDS split), or a file of document records (what
+  `prealign synthesize` writes). Reshuffle spreads them over workers.
 - **read**: the generator renders its scenarios (the embedded default; its documents do not
   depend on how scenarios are grouped), ingest escapes and tags raw text, or validates
   tagged JSONL; a record that cannot be read is a `BadRecord`, never a silent drop.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import zlib
 from typing import Iterable, Iterator, Sequence
 
@@ -35,6 +37,7 @@ import numpy as np
 
 from prealign_jax import fileio, modes, vocab as vocab_lib
 from prealign_jax.data import generator, ingest, records, report as report_lib, shards
+from prealign_jax.errors import UserError
 
 SCENARIOS_PER_UNIT = 2000
 PARTS = "parts"  # the pipeline's results for the driver, inside the build dir
@@ -55,6 +58,7 @@ class Sources:
     tagged: bool = False
     validation_fraction: float = 0.02
     label_fn: str | None = None  # `package.module:function` (see data/labelling.py)
+    documents: tuple[str, ...] = ()  # JSONL of document records (`prealign synthesize`)
 
 
 def work_units(sources: Sources) -> list[tuple]:
@@ -62,7 +66,8 @@ def work_units(sources: Sources) -> list[tuple]:
     units: list[tuple] = [("synthetic", start, min(SCENARIOS_PER_UNIT,
                                                   sources.num_scenarios - start))
                           for start in range(0, sources.num_scenarios, SCENARIOS_PER_UNIT)]
-    return units + [("input", path) for path in sources.inputs]
+    return (units + [("input", path) for path in sources.inputs]
+            + [("documents", path) for path in sources.documents])
 
 
 def read_unit(unit: tuple, sources: Sources) -> Iterator[tuple[records.Document, str]
@@ -72,6 +77,14 @@ def read_unit(unit: tuple, sources: Sources) -> Iterator[tuple[records.Document,
         for doc in generator.generate(unit[2], sources.seed, sources.mix, unit[1]):
             # both documents of a counterfactual pair land in the same split
             yield doc, split_of(doc.doc_id.rsplit("-", 1)[0], sources.validation_fraction)
+        return
+    if unit[0] == "documents":
+        for item in ingest.read_records(unit[1]):
+            if isinstance(item, ingest.BadRecord):
+                yield item
+            else:  # the documents of a scenario share their id up to the last "-"
+                yield item, split_of(item.doc_id.rsplit("-", 1)[0],
+                                     sources.validation_fraction)
         return
     for item in ingest.read_input(unit[1], sources.mode, sources.tagged, sources.label_fn):
         if isinstance(item, ingest.BadRecord):
@@ -158,6 +171,31 @@ class _Tokenize:
         yield beam.pvalue.TaggedOutput("stats", report_lib.DocStats(
             doc.source, split, doc.situation, ids[:-1], {
                 k.split(".", 1)[1]: v for k, v in counts.items() if "." in k}))
+
+
+def runner_options(runner: str, direct_num_workers: int,
+                   pipeline_options: Sequence[str]) -> list[str]:
+    """The Beam options of a run; an unknown runner is a one-line error before any work."""
+    from apache_beam.runners import runner as beam_runner
+
+    options = [f"--runner={runner}"]
+    if runner == "DirectRunner":
+        options += [f"--direct_num_workers={direct_num_workers}", "--direct_running_mode="
+                    + ("multi_processing" if direct_num_workers > 1 else "in_memory")]
+    options += pipeline_options  # last: they override the defaults above
+    try:
+        beam_runner.create_runner(runner)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"--runner={runner}: {str(e).splitlines()[0][:200]}") from None
+    return options
+
+
+def worker_error(error: Exception) -> str | None:
+    """The one-line message of a user error raised in a worker (marked with
+    ERROR_MARKER and ending in a parenthesis), whatever the runner wrapped it in."""
+    found = re.search(re.escape(ERROR_MARKER) + r"(.*?\))(?: \[while|\\n|\n|'|$)",
+                      str(error))
+    return found.group(1) if found else None
 
 
 def raise_or_pass(bad: ingest.BadRecord, bad_records: str) -> ingest.BadRecord:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import zlib
 from typing import Iterator
 
 from prealign_jax import tags
-from prealign_jax.data import records, scenarios as sc
+from prealign_jax.data import records, scenarios as sc, teacher_tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,15 +76,16 @@ def _fill(template: str, slots: dict, **extra) -> str:
 
 
 class _Renderer:
-    def __init__(self, rng: random.Random, mix: Mix):
+    def __init__(self, rng: random.Random, mix: Mix, situations: tuple[sc.Situation, ...]):
         self.rng, self.mix = rng, mix
+        self.situations = situations  # every scene of a document, extra ones too, is of these
 
     def pick(self, seq):
         return seq[self.rng.randrange(len(seq))]
 
     def cast(self) -> _Cast:
         r = self.rng
-        situation = self.pick(sc.SITUATIONS)
+        situation = self.pick(self.situations)
         a_she, b_she = r.random() < 0.5, r.random() < 0.5
         a = self.pick(sc.NAMES_SHE if a_she else sc.NAMES_HE)
         b = a
@@ -103,8 +105,10 @@ class _Renderer:
         return [head + "\n"]
 
     # ------------------------------------------------------------ human
-    def story(self, cast: _Cast, selfish: bool, first_person: bool) -> str:
-        """Multi-sentence narration of the choice, varied in length and structure."""
+    def story(self, cast: _Cast, selfish: bool, first_person: bool,
+              act: sc.Act | None = None) -> str:
+        """Multi-sentence narration of the choice (`act`, or one drawn), varied in length
+        and structure."""
         r, s, slots = self.rng, cast.situation, cast.slots(first_person)
         sentences = [_fill(cast.setup, slots)]
         for _ in range(r.choice((0, 0, 1, 1, 2, 3))):
@@ -112,14 +116,14 @@ class _Renderer:
             if detail not in sentences:
                 sentences.insert(r.randrange(1, len(sentences) + 1), detail)
         if selfish:
-            act = self.pick(s.selfish)
+            act = act or self.pick(s.selfish)
             if r.random() < 0.35 and not first_person:
                 sentences.append(_fill(self.pick(sc.SAY_FRAMES), slots,
                                        line=self.pick(sc.SELFISH_LINES[act.kind])))
             sentences.append(_fill(self.pick(sc.SELFISH_FRAMES), slots, act=act.past))
             after, reflections = s.after_selfish, sc.SELFISH_REFLECTIONS
         else:
-            act = self.pick(s.kind)
+            act = act or self.pick(s.kind)
             if r.random() < 0.3:
                 sentences.append(_fill(self.pick(sc.TEMPTED_FRAMES), slots, act=act.past,
                                        selfish=self.pick(s.selfish).inf))
@@ -156,10 +160,10 @@ class _Renderer:
         return nodes, labels
 
     # ------------------------------------------------------------ ai
-    def ai_self_doc(self, cast: _Cast) -> tuple[list, list[int]]:
+    def ai_self_doc(self, cast: _Cast, act: sc.Act | None = None) -> tuple[list, list[int]]:
         """The assistant in the same scenario, acting selflessly (counterfactual partner)."""
         s, slots = cast.situation, cast.slots(first_person=True)
-        act = self.pick(s.kind)
+        act = act or self.pick(s.kind)
         sentences = [_fill(cast.setup, slots)]
         if self.rng.random() < 0.4:
             sentences.append(_fill("I could have chosen to {selfish}, but I did not.", slots,
@@ -187,6 +191,14 @@ class _Renderer:
         closing = self.pick(sc.AI_CLOSINGS)
         return " ".join(parts + ([closing] if closing else []))
 
+    def request(self, cast: _Cast, selfish: bool, act: sc.Act, slots: dict) -> str:
+        """A first-person request to the assistant to do `act`."""
+        frames = sc.REQUESTS_SELFISH if selfish else sc.REQUESTS_KIND
+        request = _fill(self.pick(frames), slots, inf=act.inf)
+        if self.rng.random() < 0.5:
+            request = _fill(cast.setup, slots) + " " + request
+        return request
+
     def request_doc(self, cast: _Cast) -> tuple[list, list[int]]:
         nodes, labels = self.header(cast), []
         for turn in range(self.rng.choice((1, 1, 1, 2))):
@@ -194,10 +206,7 @@ class _Renderer:
             slots = c.slots(first_person=True)
             selfish = self.rng.random() < 0.6
             act = self.pick(c.situation.selfish if selfish else c.situation.kind)
-            frames = sc.REQUESTS_SELFISH if selfish else sc.REQUESTS_KIND
-            request = _fill(self.pick(frames), slots, inf=act.inf)
-            if self.rng.random() < 0.5:
-                request = _fill(c.setup, slots) + " " + request
+            request = self.request(c, selfish, act, slots)
             if turn:
                 nodes.append("\n")
             nodes += [tags.Span("human", (request,)), "\n",
@@ -221,14 +230,25 @@ class _Renderer:
         slots = cast.slots(first_person=True)
         selfish = self.rng.random() < 0.75
         act = self.pick(cast.situation.selfish if selfish else cast.situation.kind)
+        original, _, ai = self.quote_reply(cast, selfish, act, slots)
+        if self.rng.random() < 0.5:  # the human's own words first, unredacted
+            return ([tags.Span("human", ("".join(original),)), "\n", ai],
+                    [int(selfish), 0, int(selfish)])
+        return self.header(cast) + [ai], [0, int(selfish)]
+
+    def quote_reply(self, cast: _Cast, selfish: bool, act: sc.Act, slots: dict
+                    ) -> tuple[list[str], list[str], tags.Span]:
+        """A human's message about `act` (its parts), the private values in it, and the
+        assistant's span quoting it, redacted, with a comment."""
         kind = self.pick(cast.situation.kind)
-        original, quoted = [], []
+        original, quoted, private = [], [], []
         frames = [f for f in sc.MESSAGE_FRAMES if selfish or "{inf}" in "".join(f)]
         frame = self.pick(frames)
         for part in frame:
             if part in ("insult", "name", "address", "phone"):
                 value = self.private(part)
                 original.append(value)
+                private.append(value)
                 quoted.append(tags.REDACTED)
             else:
                 text = part.format(inf=act.inf.format(**slots), rel=cast.rel)
@@ -245,23 +265,30 @@ class _Renderer:
                         Harm=harm[:1].upper() + harm[1:], step=self.pick(cast.situation.steps))
         ai = tags.Span("ai", (self.pick(sc.QUOTE_INTROS), tags.Span("quote", tuple(quoted)),
                               comment))
-        if self.rng.random() < 0.5:  # the human's own words first, unredacted
-            return ([tags.Span("human", ("".join(original),)), "\n", ai],
-                    [int(selfish), 0, int(selfish)])
-        return self.header(cast) + [ai], [0, int(selfish)]
+        return original, private, ai
 
 
-def generate(num_scenarios: int, seed: int = 0, mix: Mix = Mix(),
-             start: int = 0) -> Iterator[records.Document]:
-    """Documents of scenarios `start .. start + num_scenarios - 1` (a pair gives two)."""
+# Per split: the doc id prefix (held-out ids never collide with training ids) and the RNG
+# stream (held-out scenario i is not drawn like training scenario i).
+_SPLIT_STREAMS = {"train": ("s", "prealign-synthetic"),
+                  "held_out": ("h", "prealign-synthetic/held_out")}
+
+
+def generate(num_scenarios: int, seed: int = 0, mix: Mix = Mix(), start: int = 0,
+             split: str = "train") -> Iterator[records.Document]:
+    """Documents of scenarios `start .. start + num_scenarios - 1` (a pair gives two), from
+    the families of `split`: "train" (the training corpus) or "held_out" (families the
+    training corpus never shows, for evaluation out of distribution)."""
+    situations = sc.situations(split)
+    prefix, stream = _SPLIT_STREAMS[split]
     kinds = ("pair", "human", "request", "quote")
     weights = [getattr(mix, k) for k in kinds]
     for i in range(start, start + num_scenarios):
-        rng = random.Random(f"prealign-synthetic/{seed}/{i}")
-        render = _Renderer(rng, mix)
+        rng = random.Random(f"{stream}/{seed}/{i}")
+        render = _Renderer(rng, mix, situations)
         kind = rng.choices(kinds, weights)[0]
         cast = render.cast()
-        doc_id = f"s{seed}-{i:08d}"
+        doc_id = f"{prefix}{seed}-{i:08d}"
         if kind in ("pair", "human"):
             p = mix.pair_selfish if kind == "pair" else mix.selfish
             nodes, labels = render.human_doc(cast, rng.random() < p)
@@ -282,3 +309,59 @@ def _document(nodes, labels, source, doc_id, cast, pair_id=-1) -> records.Docume
     return records.Document(text=tags.serialize(nodes), source=source, doc_id=doc_id,
                             pair_id=pair_id, span_labels=tuple(labels),
                             situation=cast.situation.name)
+
+
+def briefs(seed: int, index: int, split: str = "train", mix: Mix = Mix()
+           ) -> list[tuple[teacher_tasks.Brief, str]]:
+    """What `prealign synthesize` asks a teacher for scenario `index` of `split`: a human
+    telling (and, for a counterfactual pair, the assistant in the same scenario), an answer
+    to a request, or a reply quoting a message; each with the template generator's answer
+    (what is written without a teacher). Scenario ids start with "t": they never collide
+    with `generate`'s document ids."""
+    prefix, stream = _SPLIT_STREAMS[split]
+    rng = random.Random(f"{stream}/briefs/{seed}/{index}")
+    render = _Renderer(rng, mix, sc.situations(split))
+    kind = rng.choices(("pair", "human", "request", "quote"),
+                       [mix.pair, mix.human, mix.request, mix.quote])[0]
+    cast = render.cast()
+    s, third, first = cast.situation, cast.slots(), cast.slots(first_person=True)
+    scenario_id = f"t{prefix}{seed}-{index:08d}"
+    narrative = [st for st in sc.STYLES if st.template not in ("request", "quote")]
+    by_template = {st.template: st for st in sc.STYLES if st.template}
+
+    def brief(task: str, style: sc.Style, **fields) -> teacher_tasks.Brief:
+        return teacher_tasks.Brief(
+            scenario_id=scenario_id, task=task,
+            seed=zlib.crc32(f"{scenario_id}/{task}".encode()), family=s.name,
+            title=render.pick(s.titles).format(item=cast.item), style=style.name,
+            style_description=style.description, A=cast.a, B=cast.b, rel=cast.rel,
+            item=cast.item, place=cast.place, when=cast.when, **fields)
+
+    if kind in ("pair", "human"):
+        selfish = rng.random() < (mix.pair_selfish if kind == "pair" else mix.selfish)
+        act = render.pick(s.selfish if selfish else s.kind)
+        story = brief("human_story", render.pick(narrative), setup=_fill(cast.setup, third),
+                      act=act.past.format(**third), selfish=selfish,
+                      pair_id=index if kind == "pair" else -1)
+        out = [(story, tags.serialize(render.header(cast) + [
+            tags.Span("human", (render.story(cast, selfish, False, act),))]))]
+        if kind == "pair":
+            act = render.pick(s.kind)
+            nodes, _ = render.ai_self_doc(cast, act)
+            out.append((brief("ai_counterfactual", render.pick(narrative),
+                              setup=_fill(cast.setup, first), act=act.past.format(**first),
+                              pair_id=index), tags.serialize(nodes)))
+        return out
+    if kind == "request":
+        selfish = rng.random() < 0.6
+        act = render.pick(s.selfish if selfish else s.kind)
+        request = render.request(cast, selfish, act, first)
+        return [(brief("ai_answer", by_template["request"], setup=_fill(cast.setup, first),
+                       act=act.inf.format(**first), selfish=selfish, request=request),
+                 tags.serialize([tags.Span("ai", (render.reply(cast, act, first),))]))]
+    selfish = rng.random() < 0.75
+    act = render.pick(s.selfish if selfish else s.kind)
+    original, private, ai = render.quote_reply(cast, selfish, act, first)
+    return [(brief("ai_quote", by_template["quote"], setup=_fill(cast.setup, first),
+                   act=act.inf.format(**first), selfish=selfish, message="".join(original),
+                   private=tuple(private)), tags.serialize([ai]))]

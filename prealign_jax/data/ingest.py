@@ -79,6 +79,18 @@ def read_input(path: str, mode: str = "human", tagged: bool = False, label_fn=No
         yield BadRecord(path, f"{path}:{line}", problem)
 
 
+def read_records(path: str) -> Iterator[records.Document | BadRecord]:
+    """Document records of a JSONL file (`records.to_json` lines: `prealign synthesize`'s
+    corpus), kept as they are (their tags are checked when they are tokenized)."""
+    data = _read_bytes(path, "--documents")
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if line.strip():
+            try:
+                yield records.from_json(line)
+            except (ValueError, TypeError) as e:
+                yield BadRecord(path, f"{path}:{number}", _one_line(str(e)))
+
+
 def read_documents(paths, mode: str = "human", tagged: bool = False,
                    bad_records: str = "error", label_fn=None) -> Iterator[records.Document]:
     """Documents of the given inputs, in order, with the bad-record policy applied:
@@ -210,15 +222,18 @@ def _raw_records(path: str, tagged: bool, label_fn=None) -> Iterator[Record]:
         yield number, text, problem
 
 
-def _file_records(path: str, tagged: bool) -> Iterator[Record]:
-    """Records of a JSONL (line numbers) or plain text file (first line of each)."""
+def _read_bytes(path: str, flag: str) -> bytes:
     tf = tf_cpu.import_tf()
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except tf.errors.OpError as e:
-        raise IngestError(f"--from_text {path}: cannot read it ({_one_line(e.message)})"
-                          ) from None
+        raise IngestError(f"{flag} {path}: cannot read it ({_one_line(e.message)})") from None
+
+
+def _file_records(path: str, tagged: bool) -> Iterator[Record]:
+    """Records of a JSONL (line numbers) or plain text file (first line of each)."""
+    data = _read_bytes(path, "--from_text")
     if path.endswith(".jsonl") or tagged:
         for number, raw in enumerate(data.split(b"\n"), start=1):
             if not raw.strip():

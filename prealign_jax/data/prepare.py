@@ -16,7 +16,6 @@ import inspect
 import itertools
 import json
 import os
-import re
 import time
 from typing import Iterator, Mapping, Sequence
 
@@ -25,8 +24,9 @@ from prealign_jax.data import generator, ingest, records, shards
 from prealign_jax.errors import UserError
 
 SPLITS = ("train", "validation")
-_CODE = ("beam_pipeline.py", "generator.py", "scenarios.py", "ingest.py", "records.py",
-         "shards.py")
+# Files whose content determines the corpus (hashed with the config): code and the scenario spec
+_CODE = ("beam_pipeline.py", "generator.py", "scenarios.py", "scenarios.yaml", "ingest.py",
+         "records.py", "shards.py")
 RUNNERS_HELP = ("DirectRunner (default) runs here; DataflowRunner, FlinkRunner, SparkRunner "
                 "take their own pipeline options (see the README)")
 
@@ -47,6 +47,7 @@ class Config:
     bad_records: str
     tokenizer_file: str | None = None
     label_fn: str | None = None
+    documents: tuple[str, ...] = ()
 
     def sources(self):
         """What the pipeline reads (`beam_pipeline.Sources`)."""
@@ -54,7 +55,7 @@ class Config:
 
         return beam_pipeline.Sources(self.num_scenarios, self.seed, self.mix, self.from_text,
                                      self.mode, self.tagged, self.validation_fraction,
-                                     self.label_fn)
+                                     self.label_fn, self.documents)
 
 
 def prepare(workdir: str | None = None, data_dir: str | None = None,
@@ -63,7 +64,8 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
             validation_fraction: float = 0.02, mix: generator.Mix | None = None,
             from_text: Sequence[str] = (), mode: str = "human", tagged: bool = False,
             bad_records: str = "error", tokenizer_file: str | None = None,
-            label_fn: str | None = None, runner: str = "DirectRunner", direct_num_workers: int = 1,
+            label_fn: str | None = None, documents: Sequence[str] = (),
+            runner: str = "DirectRunner", direct_num_workers: int = 1,
             pipeline_options: Sequence[str] = ()) -> str:
     """Build (or reuse) the data dir; returns its path.
 
@@ -79,6 +81,8 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
       mix: `generator.Mix` of renderings.
       from_text, mode, tagged, bad_records, label_fn: raw-text ingest (see `ingest.py`):
         files or URLs (.txt, .jsonl, .parquet) and TFDS splits (tfds:NAME:SPLIT).
+      documents: JSONL files of document records, kept as they are (what `prealign
+        synthesize` writes: a teacher's documents with their provenance).
       tokenizer_file: an imported tokenizer (`prealign import` writes <data dir>/
         tokenizer.json) used instead of training SentencePiece (vocab_size is then unused).
       runner: the Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...).
@@ -125,7 +129,7 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
                     tuple(fileio.absolute(p) if not p.startswith("tfds:") else p
                           for p in from_text),
                     mode, tagged, bad_records, tokenizer_file and fileio.absolute(tokenizer_file),
-                    label_fn)
+                    label_fn, tuple(fileio.absolute(p) for p in documents))
     digest = config_hash(config)
     reason = _reuse_problem(data_dir, digest)
     if reason is None:
@@ -133,24 +137,11 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
                     "shards intact)")
         return data_dir
     console.say(f"prepare: building {data_dir} ({reason})")
-    options = [f"--runner={runner}"]
-    if runner == "DirectRunner":
-        options += [f"--direct_num_workers={direct_num_workers}", "--direct_running_mode="
-                    + ("multi_processing" if direct_num_workers > 1 else "in_memory")]
-    options += pipeline_options  # last: they override the defaults above
-    _check_runner(runner)
+    from prealign_jax.data import beam_pipeline
+
+    options = beam_pipeline.runner_options(runner, direct_num_workers, pipeline_options)
     _build(data_dir, config, digest, options)
     return data_dir
-
-
-def _check_runner(runner: str) -> None:
-    """An unknown runner is a one-line error before the vocabulary trains."""
-    from apache_beam.runners import runner as beam_runner
-
-    try:
-        beam_runner.create_runner(runner)
-    except (ValueError, ImportError) as e:
-        raise UserError(f"--runner={runner}: {str(e).splitlines()[0][:200]}") from None
 
 
 def config_hash(config: Config) -> str:
@@ -163,11 +154,13 @@ def config_hash(config: Config) -> str:
     if config.label_fn:  # its module's code, as the generator's
         h.update(inspect.getsource(inspect.getmodule(
             ingest.label_function(config.label_fn))).encode())
-    for path in config.from_text + ((config.tokenizer_file,) if config.tokenizer_file else ()):
+    for path in (config.from_text + config.documents
+                 + ((config.tokenizer_file,) if config.tokenizer_file else ())):
         if path.startswith("tfds:"):
             continue  # a TFDS dataset is named by its version
         if not fileio.gfile().exists(path):
-            raise ingest.IngestError(f"--from_text {path}: no such file")
+            flag = "--documents" if path in config.documents else "--from_text"
+            raise ingest.IngestError(f"{flag} {path}: no such file")
         h.update(shards.file_facts(path)["sha256"].encode())
     return h.hexdigest()
 
@@ -228,10 +221,9 @@ def _build(data_dir: str, config: Config, digest: str, options: list[str]) -> No
                 beam_pipeline.build(pipeline, config.sources(), build_dir,
                                     config.num_shards, config.bad_records)
         except Exception as e:  # a runner wraps a worker's error in its own
-            found = re.search(re.escape(beam_pipeline.ERROR_MARKER)
-                              + r"(.*?\))(?: \[while|\\n|\n|'|$)", str(e))
+            found = beam_pipeline.worker_error(e)
             if found:
-                raise ingest.IngestError(found.group(1)) from None
+                raise ingest.IngestError(found) from None
             if str(e).startswith("Pipeline has validations errors"):
                 missing = "; ".join(line.strip() for line in str(e).splitlines()[1:]
                                     if line.strip())
@@ -338,7 +330,7 @@ def _write_seqio_files(build_dir: str, entries: list[dict], counts: dict) -> Non
 
     features = {"targets": {"shape": [None], "dtype": "int32"},
                 **{k: {"shape": [], "dtype": "string"}
-                   for k in ("text", "source", "doc_id", "situation")},
+                   for k in ("text", "source", "doc_id", "situation", "provenance")},
                 "pair_id": {"shape": [], "dtype": "int64"},
                 "span_labels": {"shape": [None], "dtype": "int64"}}
     for key, c in counts.items():

@@ -10,6 +10,7 @@ misaligned, 0 if not, -1 if unknown (ingested text).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from prealign_jax import tf_cpu
 
@@ -25,6 +26,7 @@ class Document:
     pair_id: int = -1  # scenario shared by a counterfactual human/ai pair, else -1
     span_labels: tuple[int, ...] = ()
     situation: str = ""  # the synthetic scenario's situation family ('' if unknown)
+    provenance: str = ""  # JSON: who wrote it (teacher model, task id, scenario, seed, time)
 
 
 def to_example(doc: Document, targets=()) -> bytes:
@@ -42,6 +44,7 @@ def to_example(doc: Document, targets=()) -> bytes:
         "text": b(doc.text.encode("utf-8")), "source": b(doc.source.encode()),
         "doc_id": b(doc.doc_id.encode()), "pair_id": i([doc.pair_id]),
         "span_labels": i(doc.span_labels), "situation": b(doc.situation.encode()),
+        "provenance": b(doc.provenance.encode()),
         "targets": i(targets)})).SerializeToString(deterministic=True)
 
 
@@ -54,4 +57,19 @@ def from_example(serialized: bytes) -> Document:
                     doc_id=ex["doc_id"].bytes_list.value[0].decode(),
                     pair_id=int(ex["pair_id"].int64_list.value[0]),
                     span_labels=tuple(ex["span_labels"].int64_list.value),
-                    situation=b"".join(ex["situation"].bytes_list.value).decode())
+                    situation=b"".join(ex["situation"].bytes_list.value).decode(),
+                    provenance=b"".join(ex["provenance"].bytes_list.value).decode())
+
+
+def to_json(doc: Document) -> str:
+    """One JSONL line of a document (`prealign synthesize`'s corpus files)."""
+    return json.dumps(dataclasses.asdict(doc), ensure_ascii=False, sort_keys=True)
+
+
+def from_json(line: str | bytes) -> Document:
+    """Inverse of `to_json`; a line that is not one raises ValueError."""
+    obj = json.loads(line)
+    if not isinstance(obj, dict) or set(obj) != {f.name for f in dataclasses.fields(Document)}:
+        raise ValueError("not a document record (fields: "
+                         f"{', '.join(f.name for f in dataclasses.fields(Document))})")
+    return Document(**{**obj, "span_labels": tuple(obj["span_labels"])})

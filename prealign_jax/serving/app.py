@@ -7,7 +7,9 @@
     GET  /metrics               Prometheus text: requests, tokens, rows, latency
 
 Every choice of a request is one engine request with its own row and seed. Text reaches
-the client as plain text (`chat.content`); each choice's `prealign` field carries the mode
+the client as plain text (`chat.content`), or as tagged text from the span the prompt
+opened on (the operator's `tagged_content`: a prealigned model as the teacher of a tagged
+corpus, `prealign synthesize`); each choice's `prealign` field carries the mode
 of every generated token, the policy, and with `return_tagged` the tagged text. A request
 the server refuses gets an OpenAI-style JSON error with a 4xx status; an error inside one
 request answers it with a 500 and leaves the others alone.
@@ -55,6 +57,7 @@ class Served:
     allow_unmasked: bool = False
     max_n: int = 8
     api_key: str | None = None
+    tagged_content: bool = False  # content is tagged text (a teacher of tagged corpora)
 
 
 @dataclasses.dataclass
@@ -76,8 +79,9 @@ class _Generation:
     queue; ends each at EOS, the stop token, a stop string or max_tokens."""
 
     def __init__(self, served: Served, prompts: list[sampling.Prompt], body, policy: str,
-                 stop_token: int, max_tokens: int, stops: list[str]):
+                 stop_token: int, max_tokens: int, stops: list[str], opener: str = ""):
         self.served, self.stops, self.policy, self.mask = served, stops, policy, body.mask
+        self.opener = opener  # the span the prompt opened: tagged content starts with it
         self.return_tagged, self.stop_token = body.return_tagged, stop_token
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
@@ -121,7 +125,9 @@ class _Generation:
                 tokens, token_modes, _ = rest
                 c.tokens += tokens
                 c.modes += token_modes
-                c.text = chat.content(self.served.vocab, c.tokens)
+                c.text = (self.opener + vocab_lib.decode_tagged(self.served.vocab, c.tokens)
+                          if self.served.tagged_content
+                          else chat.content(self.served.vocab, c.tokens))
                 self._check_stops(c)
             else:
                 c.final_state = rest[0]
@@ -325,7 +331,8 @@ def create_app(served: Served):
             _utf8(t, "prompt"), served.vocab, policy, mode=body.mode, names=names))
             for t in body.prompts()]
         max_tokens = body.max_tokens or COMPLETION_DEFAULT_TOKENS
-        gen = _generation(served, prompts, body, policy, -1, max_tokens, "prompt")
+        gen = _generation(served, prompts, body, policy, -1, max_tokens, "prompt",
+                          f"<{body.mode}>" if body.mode else "")
         return await _respond(gen, body, request, "text_completion", _completion_choice)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
@@ -336,7 +343,7 @@ def create_app(served: Served):
         prompt = _checked(lambda: sampling.chat_prompt(messages, served.vocab, policy))
         closer = vocab_lib.tag_ids(served.vocab)[chat.CLOSER]
         gen = _generation(served, [prompt], body, policy, closer, body.token_limit(),
-                          "messages")
+                          "messages", chat.OPENER)
         return await _respond(gen, body, request, "chat.completion", _chat_choice)
 
     return _Guard(app, metrics)
@@ -382,7 +389,7 @@ def _checked(make):
 
 
 def _generation(served: Served, prompts, body, policy: str, stop_token: int,
-                max_tokens: int | None, prompt_param: str) -> _Generation:
+                max_tokens: int | None, prompt_param: str, opener: str) -> _Generation:
     """The request's choices, once its prompts and max_tokens (default: what the context
     has left) fit the model's context."""
     longest = max(len(p.ids) for p in prompts) + 1  # + the leading 0 of a document
@@ -396,7 +403,8 @@ def _generation(served: Served, prompts, body, policy: str, stop_token: int,
             f"the prompt ({longest - 1} tokens) and max_tokens ({max_tokens}) exceed the "
             f"model's context of {served.max_len} tokens; lower max_tokens to at most "
             f"{served.max_len - longest}", "max_tokens", code="context_length_exceeded")
-    return _Generation(served, prompts, body, policy, stop_token, max_tokens, body.stops())
+    return _Generation(served, prompts, body, policy, stop_token, max_tokens, body.stops(),
+                       opener)
 
 
 def _completion_choice(gen: _Generation, c: _Choice, text: str, final: bool,
