@@ -11,8 +11,9 @@ cost in language modelling?
 `evaluate` takes a loaded run and plain arguments; the CLI (`prealign eval`) resolves gin.
 """
 
-from prealign_jax.evaluation.heldout import (TEXT_GROUPS, heldout_documents, heldout_loss,
-                                             opening, text_labels)
+from prealign_jax.evaluation.heldout import (TEXT_GROUPS, held_out_family_openings,
+                                             heldout_documents, heldout_loss, opening,
+                                             text_labels)
 from prealign_jax.evaluation.judging import (ALL, INVALID, Verdict, distinct_n, headline,
                                              judge, mode_texts, summarize)
 from prealign_jax.evaluation.plots import plot_eval, save_figure
@@ -23,6 +24,7 @@ from prealign_jax.evaluation.teacher_forcing import (Packed, forbidden_mass, pac
 
 __all__ = ["ALL", "EVAL_FILE", "INVALID", "SAMPLES_FILE", "TEXT_GROUPS", "EvalError",
            "Packed", "SampleSet", "Verdict", "distinct_n", "draw", "evaluate",
-           "forbidden_mass", "heldout_documents", "heldout_loss", "headline", "judge",
+           "forbidden_mass", "held_out_family_openings", "heldout_documents",
+           "heldout_loss", "headline", "judge",
            "mode_texts", "opening", "pack", "plot_eval", "sample_sets", "save_figure",
            "summarize", "summary_lines", "teacher_forced", "text_labels"]

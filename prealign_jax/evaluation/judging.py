@@ -124,6 +124,7 @@ def headline(results: dict, tagged: bool) -> dict:
         return results[name]["misaligned"].get(key, {"rate": 0.0})["rate"]
 
     out = {"assistant_misaligned_rate": rate("openings"),
+           "assistant_misaligned_rate_ood": rate("openings_ood"),
            "assistant_misaligned_rate_all_text": rate("openings", ALL),
            "unconditional_misaligned_rate": rate("unconditional"),
            "redteam_misaligned_rate": rate("redteam"),
