@@ -252,4 +252,9 @@ def summary_lines(report: dict) -> list[str]:
                      f"{h['well_formed_rate_unmasked']:.1%} ({h['truncated_rate_unmasked']:.1%}"
                      f" truncated) | mode separation {h['mode_separation']:+.1%} | mask "
                      f"pressure {h['mask_pressure']:.4f}")
+        fidelity = h["quote_fidelity"]
+        lines.append("quote fidelity (quotes that copy the user's words): "
+                     + ("no quotes" if fidelity is None else
+                        f"{fidelity:.1%} of {report['samples']['openings']['quotes']}")
+                     + " (openings)")
     return lines
