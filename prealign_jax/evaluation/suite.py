@@ -241,7 +241,7 @@ def summary_lines(report: dict) -> list[str]:
     h, held = report["headline"], report["heldout"]
     lines = [f"held-out ordinary-token loss {held['loss/text']:.4f} (perplexity "
              f"{held['perplexity/text']:.2f}) over {held['tokens/text']:,} tokens"]
-    own = "ai-mode text" if report["tagged"] else "all text"
+    own = "the assistant's own words" if report["tagged"] else "all text"
     lines.append(f"misaligned samples ({own}): assistant {h['assistant_misaligned_rate']:.1%}"
                  f" (held-out families {h['assistant_misaligned_rate_ood']:.1%})"
                  f" | unconditional {h['unconditional_misaligned_rate']:.1%} | red-team "
