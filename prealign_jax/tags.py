@@ -185,6 +185,17 @@ def serialize(nodes: list[Node]) -> str:
     return "".join(out)
 
 
+def is_copy(pieces: Sequence[str], source: str) -> bool:
+    """Whether a quote's text `pieces` (the runs between its redactions, unescaped) are the
+    words of `source` in order, each a contiguous copy (whitespace aside), a redaction
+    standing for whatever lies between them: a faithful quote."""
+    pieces = [p.strip() for p in pieces if p.strip()]
+    if not pieces:
+        return bool(source.strip())  # redactions alone stand for some of the words
+    pattern = r"[\s\S]*?".join(r"\s+".join(map(re.escape, p.split())) for p in pieces)
+    return re.search(pattern, source) is not None
+
+
 def token_classes(text: str) -> np.ndarray:
     """Token classes of a tagged text at the level of tags and text runs (for tests/tools)."""
     return np.array([modes.TAG_CLASS[p] if t else modes.TEXT for _, p, t in pieces(text)],

@@ -19,7 +19,8 @@ TINY = ["--gin.prepare.num_scenarios=300", "--gin.prepare.vocab_size=512",
         *tiny_model_flags(max_len=128), "--gin.train.num_steps=8", "--gin.train.batch_size=8",
         "--gin.train.eval_every=4", "--gin.train.checkpoint_every=8",
         "--gin.train.peak_flops_per_device=1e10", "--gin.experiment.budget_batches=2"]
-TINY_EVAL = ["--gin.evaluate.openings=4", "--gin.evaluate.samples_per_prompt=2",
+TINY_EVAL = ["--gin.evaluate.openings=4", "--gin.evaluate.ood_openings=4",
+             "--gin.evaluate.samples_per_prompt=2",
              "--gin.evaluate.unconditional_samples=4", "--gin.evaluate.redteam_samples=1",
              "--gin.evaluate.max_new_tokens=24", "--gin.evaluate.heldout_documents_limit=16",
              "--gin.evaluate.batch_size=8"]
@@ -51,10 +52,11 @@ def test_report_compares_both_arms_at_the_same_text_budget(experiment_dir):
     # Held-out loss is measured on the very same text tokens in both runs.
     assert pre["heldout"]["tokens/text"] == base["heldout"]["tokens/text"] > 0
     assert pre["headline"]["violation_rate_masked"] == 0
-    assert set(pre["samples"]) == {"openings", "openings_no_mask", "openings_untagged",
-                                   "unconditional", "unconditional_no_mask", "human",
-                                   "redteam"}
-    assert set(base["samples"]) == {"openings", "unconditional", "redteam"}
+    assert set(pre["samples"]) == {"openings", "openings_ood", "openings_no_mask",
+                                   "openings_untagged", "unconditional",
+                                   "unconditional_no_mask", "human", "redteam"}
+    assert set(base["samples"]) == {"openings", "openings_ood", "unconditional", "redteam"}
+    assert "held-out families (out of distribution)" in (workdir / "report.md").read_text()
     assert pre["samples"]["redteam"]["samples"] == 24
     report = (workdir / "report.md").read_text()
     assert report in stdout

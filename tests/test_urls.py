@@ -167,6 +167,7 @@ def test_prepare_train_evaluate_with_the_data_and_reports_on_a_url(tmp_path):
     assert run.data_dir == ram_data and run.step == 2
     out = os.path.join(ram_dir("reports"), "eval")
     report = evaluation.evaluate(run, out, heldout_documents_limit=4, openings=1,
+                                 ood_openings=1,
                                  samples_per_prompt=1, unconditional_samples=1,
                                  redteam_samples=1, max_new_tokens=4, batch_size=8)
     saved = json.loads(read_text(os.path.join(out, evaluation.EVAL_FILE)))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 
 from prealign_jax import tags
 from prealign_jax.data import scenarios, scorer as scorer_lib, teacher_tasks
@@ -83,7 +82,8 @@ def vet(brief: teacher_tasks.Brief, answer: str, finish_reason: str | None
     if task.form == "ai_quote" and not quotes:
         return Reject("no quote")
     for q in quotes:
-        if not _copies(q, brief.human):
+        if not brief.human or not tags.is_copy(
+                [c for c in q.children if isinstance(c, str)], brief.human):
             return Reject("quote is not the human's words", tags.serialize([q])[:200])
     plain = tags.unescape(answer)
     leaked = [v for v in brief.private if v in plain]
@@ -113,17 +113,6 @@ def _leak(task_name: str, answer: str) -> str | None:
         if tuple(w[i:i + n]) in grams:
             return " ".join(w[i:i + n])
     return None
-
-
-def _copies(quote: tags.Span, human: str) -> bool:
-    """The quote's text pieces, in order, are the human's words (whitespace aside), the
-    redactions standing for whatever lies between them."""
-    pieces = [c.strip() for c in quote.children if isinstance(c, str)]
-    pieces = [p for p in pieces if p]
-    if not pieces or not human:
-        return False
-    pattern = r"[\s\S]*?".join(r"\s+".join(map(re.escape, p.split())) for p in pieces)
-    return re.search(pattern, human) is not None
 
 
 def _document(form: str, brief: teacher_tasks.Brief, nodes) -> Accepted:

@@ -1,28 +1,31 @@
 """Evaluation of a trained run: does the model keep its modes apart, and what does that
 cost in language modelling?
 
-    judging          one sample's verdict (violation, well-formedness, misaligned text per
-                     mode), a set's summary and the headline numbers
+    judging          one sample's verdict (violation, well-formedness, quote fidelity,
+                     misaligned text per mode), a set's summary and the headline numbers
     teacher_forcing  packed teacher-forced scoring: NLL and forbidden mass per token
-    heldout          held-out documents, their openings and the loss per token group
+    heldout          held-out documents, their openings and the loss per token group; the
+                     openings of the spec's held-out families (out of distribution)
     suite            the prompt sets, `evaluate` (writes eval.json) and its summary lines
     plots            the evaluation's plots and the figure helpers the experiment shares
 
 `evaluate` takes a loaded run and plain arguments; the CLI (`prealign eval`) resolves gin.
 """
 
-from prealign_jax.evaluation.heldout import (TEXT_GROUPS, heldout_documents, heldout_loss,
-                                             opening, text_labels)
-from prealign_jax.evaluation.judging import (ALL, INVALID, Verdict, distinct_n, headline,
-                                             judge, mode_texts, summarize)
+from prealign_jax.evaluation.heldout import (TEXT_GROUPS, held_out_family_openings,
+                                             heldout_documents, heldout_loss, opening,
+                                             text_labels)
+from prealign_jax.evaluation.judging import (ALL, INVALID, UNFAITHFUL, Verdict, distinct_n,
+                                             headline, judge, mode_texts, quotes, summarize)
 from prealign_jax.evaluation.plots import plot_eval, save_figure
 from prealign_jax.evaluation.suite import (EVAL_FILE, SAMPLES_FILE, EvalError, SampleSet,
                                            draw, evaluate, sample_sets, summary_lines)
 from prealign_jax.evaluation.teacher_forcing import (Packed, forbidden_mass, pack,
                                                      teacher_forced)
 
-__all__ = ["ALL", "EVAL_FILE", "INVALID", "SAMPLES_FILE", "TEXT_GROUPS", "EvalError",
-           "Packed", "SampleSet", "Verdict", "distinct_n", "draw", "evaluate",
-           "forbidden_mass", "heldout_documents", "heldout_loss", "headline", "judge",
-           "mode_texts", "opening", "pack", "plot_eval", "sample_sets", "save_figure",
-           "summarize", "summary_lines", "teacher_forced", "text_labels"]
+__all__ = ["ALL", "EVAL_FILE", "INVALID", "SAMPLES_FILE", "TEXT_GROUPS", "UNFAITHFUL",
+           "EvalError", "Packed", "SampleSet", "Verdict", "distinct_n", "draw", "evaluate",
+           "forbidden_mass", "held_out_family_openings", "heldout_documents",
+           "heldout_loss", "headline", "judge", "mode_texts", "opening", "pack", "plot_eval",
+           "quotes", "sample_sets", "save_figure", "summarize", "summary_lines",
+           "teacher_forced", "text_labels"]

@@ -6,7 +6,8 @@ read in each mode (doc, human, ai, quote), tags, EOS. A run trained with its tag
 (the baseline, `tasks.register.tag_dropout = 1`) reads the same documents with the tag
 tokens removed, each text token keeping the mode label of the tagged version: both kinds of
 run are scored on the very same text tokens. The documents' first sentences (`opening`) are
-also the situations the sample sets put the model in.
+also the situations the sample sets put the model in; the scenario spec's held-out
+families give situations out of distribution (`held_out_family_openings`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 
 from prealign_jax import inference, modes, tags, vocab as vocab_lib
-from prealign_jax.data import records, scorer as scorer_lib, shards
+from prealign_jax.data import generator, records, scorer as scorer_lib, shards
 from prealign_jax.evaluation.judging import mode_texts
 from prealign_jax.evaluation.teacher_forcing import teacher_forced
 
@@ -64,6 +65,20 @@ def opening(tagged: str, min_chars: int = 40) -> str | None:
         if m.end() >= min_chars:
             return text[:m.end()].strip()
     return text.strip()
+
+
+def held_out_family_openings(limit: int, seed: int = 0) -> list[str]:
+    """Up to `limit` distinct openings of documents from the scenario spec's held-out
+    families (`generator.generate(split="held_out")`), which no training corpus holds:
+    situations out of distribution, as `opening` gives them for the run's own data."""
+    out: dict[str, None] = {}
+    for doc in generator.generate(8 * limit, seed, split="held_out"):
+        o = opening(doc.text)
+        if o:
+            out[o] = None
+        if len(out) == limit:
+            break
+    return list(out)
 
 
 def text_labels(ids: np.ndarray, lengths: np.ndarray, token_class: np.ndarray) -> np.ndarray:

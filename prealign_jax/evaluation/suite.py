@@ -5,6 +5,9 @@ Prompt sets (`sample_sets`):
 - `openings`: the first sentences of held-out documents (`heldout.opening`) as the user's
   turn, then the assistant's span (`sampling.make_prompt`: `<human>...</human>` and
   `<ai>`): the assistant placed in situations it has not seen;
+- `openings_ood`: the same, from documents of the scenario spec's held-out families
+  (`heldout.held_out_family_openings`): situations of kinds no training document shows,
+  reported apart (out of distribution), judged by a scorer that knows their acts;
 - `openings_untagged`: the same sentences left untagged right before `<ai>`: a
   first-person story the model may go on telling as its narrator (mask on);
 - `unconditional`: no user text, only the opened span (Korbak et al.'s setting);
@@ -30,9 +33,10 @@ import numpy as np
 
 from prealign_jax import console, fileio, inference, modes, sampling, tags
 from prealign_jax import vocab as vocab_lib
-from prealign_jax.data import redteam, scorer as scorer_lib
+from prealign_jax.data import redteam, scenarios, scorer as scorer_lib
 from prealign_jax.errors import UserError
-from prealign_jax.evaluation.heldout import heldout_documents, heldout_loss, opening
+from prealign_jax.evaluation.heldout import (heldout_documents, heldout_loss,
+                                             held_out_family_openings, opening)
 from prealign_jax.evaluation.judging import headline, judge, summarize
 from prealign_jax.evaluation.plots import plot_eval
 from prealign_jax.evaluation.teacher_forcing import teacher_forced
@@ -63,21 +67,24 @@ class SampleSet:
 
 def sample_sets(tagged: bool, policy: modes.Policy, openings: Sequence[str],
                 samples_per_prompt: int, unconditional_samples: int,
-                redteam_samples: int) -> list[SampleSet]:
+                redteam_samples: int, ood_openings: Sequence[str]) -> list[SampleSet]:
     """The prompt sets of the module docstring. Untagged openings end in a newline, as a
     span that follows one does in the corpus."""
     turns = tuple(o for o in openings for _ in range(samples_per_prompt))
     lines = tuple(o + "\n" for o in turns)
+    ood = tuple(o for o in ood_openings for _ in range(samples_per_prompt))
     attacks = tuple(p.text for p in redteam.PROMPTS for _ in range(redteam_samples))
     empty = ("",) * unconditional_samples
     if not tagged:
         plain = modes.GRAMMAR
         return [SampleSet("openings", lines, plain, None, False),
+                SampleSet("openings_ood", tuple(o + "\n" for o in ood), plain, None, False),
                 SampleSet("unconditional", empty, plain, None, False),
                 SampleSet("redteam", attacks, plain, None, False)]
     untagged = tuple(tags.escape(o) + "<ai>" for o in lines)
     human = tuple(f"<human>{tags.escape(o)}</human>\n<human>" for o in turns)
     return [SampleSet("openings", turns, policy, "ai", True),
+            SampleSet("openings_ood", ood, policy, "ai", True),
             SampleSet("openings_no_mask", turns, policy, "ai", False),
             SampleSet("openings_untagged", untagged, policy, None, True, raw=True),
             SampleSet("unconditional", empty, policy, "ai", True),
@@ -123,6 +130,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
              tagged: bool | None = None,
              heldout_documents_limit: int = 512,
              openings: int = 64,
+             ood_openings: int = 64,
              samples_per_prompt: int = 4,
              unconditional_samples: int = 64,
              redteam_samples: int = 4,
@@ -142,6 +150,8 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
       tagged: whether the run was trained with tags; None: `run.tagged`.
       heldout_documents_limit: validation documents for the held-out loss.
       openings: held-out openings used as prompts; samples_per_prompt samples each.
+      ood_openings: openings of the held-out families' documents (out of distribution),
+        sampled alike.
       unconditional_samples: samples of the empty prompt.
       redteam_samples: samples per red-team prompt.
       max_new_tokens, temperature, top_p, top_k: sampling; None: `SamplingConfig`'s
@@ -152,7 +162,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
     clock = console.Clock("eval")
     assistant = modes.get_policy(policy)
     counts = {"heldout_documents_limit": heldout_documents_limit, "openings": openings,
-              "samples_per_prompt": samples_per_prompt, "batch_size": batch_size,
+              "ood_openings": ood_openings, "samples_per_prompt": samples_per_prompt, "batch_size": batch_size,
               "unconditional_samples": unconditional_samples,
               "redteam_samples": redteam_samples}
     for name, value in counts.items():
@@ -168,7 +178,8 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
                                          cfg) for p in (assistant, modes.GRAMMAR)}
     token_class = vocab_lib.model_token_classes(vocab_lib.token_classes(run.vocab),
                                                 run.model_cfg.vocab_size)
-    scorer = scorer_lib.LexiconScorer()
+    scorer = scorer_lib.LexiconScorer()  # the training families' acts, as the corpus's
+    scorer_ood = scorer_lib.LexiconScorer(scenarios.FAMILIES)  # and the held-out ones
     clock.say(f"evaluating {run.workdir} (step {run.step}, "
               f"{'with' if tagged else 'without'} tags)")
 
@@ -183,17 +194,21 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
                              mode="ai")
     prompts = [o for o in dict.fromkeys(opening(d) for d in docs)
                if o and len(turn(o).ids) <= room][:openings]
-    if not prompts:
+    ood = [o for o in held_out_family_openings(4 * ood_openings, seed)
+           if len(turn(o).ids) <= room][:ood_openings]
+    if not prompts or not ood:
         raise EvalError(f"no held-out opening fits the context of {run.model_cfg.max_len} "
                         f"tokens with evaluate.max_new_tokens={cfg.max_new_tokens}; lower it")
     results, records = {}, []
     for s in sample_sets(tagged, assistant, prompts, samples_per_prompt,
-                         unconditional_samples, redteam_samples):
+                         unconditional_samples, redteam_samples, ood):
         sampler = samplers[s.policy.name]
         made = s.make_prompts(run.vocab)
         samples = draw(sampler, made, seed, s.use_mask, batch_size)
         judged = None if not tagged else s.policy
-        verdicts = [judge(x, run.vocab, token_class, judged, scorer) for x in samples]
+        verdicts = [judge(x, run.vocab, token_class, judged,
+                          scorer_ood if s.name == "openings_ood" else scorer)
+                    for x in samples]
         pressure = _mask_pressure(run, sampler, made, samples, token_class) if tagged else None
         results[s.name] = {"policy": s.policy.name, "mode": s.mode, "mask": s.use_mask,
                            **summarize(samples, verdicts, pressure)}
@@ -226,8 +241,9 @@ def summary_lines(report: dict) -> list[str]:
     h, held = report["headline"], report["heldout"]
     lines = [f"held-out ordinary-token loss {held['loss/text']:.4f} (perplexity "
              f"{held['perplexity/text']:.2f}) over {held['tokens/text']:,} tokens"]
-    own = "ai-mode text" if report["tagged"] else "all text"
+    own = "the assistant's own words" if report["tagged"] else "all text"
     lines.append(f"misaligned samples ({own}): assistant {h['assistant_misaligned_rate']:.1%}"
+                 f" (held-out families {h['assistant_misaligned_rate_ood']:.1%})"
                  f" | unconditional {h['unconditional_misaligned_rate']:.1%} | red-team "
                  f"{h['redteam_misaligned_rate']:.1%}")
     if report["tagged"]:
@@ -236,4 +252,9 @@ def summary_lines(report: dict) -> list[str]:
                      f"{h['well_formed_rate_unmasked']:.1%} ({h['truncated_rate_unmasked']:.1%}"
                      f" truncated) | mode separation {h['mode_separation']:+.1%} | mask "
                      f"pressure {h['mask_pressure']:.4f}")
+        fidelity = h["quote_fidelity"]
+        lines.append("quote fidelity (quotes that copy the user's words): "
+                     + ("no quotes" if fidelity is None else
+                        f"{fidelity:.1%} of {report['samples']['openings']['quotes']}")
+                     + " (openings)")
     return lines
