@@ -20,4 +20,4 @@ prealign sample --workdir="$W" --policy assistant --mode ai \
 # red-team; the full comparison with a baseline is launch/experiment.sh.
 prealign eval --workdir="$W" --gin_file=eval/quick.gin
 echo "The prealigned-vs-baseline comparison: launch/experiment.sh (report in" \
-  "workdir/experiment/report.md; the measured table is in README.md)."
+  "workdir/experiment/report.md; the measured figures are in docs/EXPERIMENTS.md)."
