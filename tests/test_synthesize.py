@@ -102,7 +102,7 @@ def test_the_held_out_split_writes_only_held_out_families(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(split="test"), "--split=test"),
+    (dict(split="test"), "synthesize.split='test'"),
     (dict(num_scenarios=0), "nothing to synthesize"),
     (dict(passages=("x.txt",)), "answered by a teacher"),
     (dict(dedup_threshold=1.5), "dedup_threshold"),

@@ -81,7 +81,7 @@ def synthesize(workdir: str | None = None, output_dir: str | None = None,
             raise UserError("synthesize needs --workdir (output goes to <workdir>/synth)")
         output_dir = os.path.join(workdir, "synth")
     if split not in SPLITS:
-        raise UserError(f"--split={split}: use one of {', '.join(SPLITS)}")
+        raise UserError(f"synthesize.split={split!r}: use one of {', '.join(SPLITS)}")
     for name, value, low in (("num_scenarios", num_scenarios, 0),
                              ("scenarios_per_unit", scenarios_per_unit, 1),
                              ("retry_invalid", retry_invalid, 0), ("num_files", num_files, 1)):
@@ -130,7 +130,8 @@ def _run(plan: Plan, out: str, num_files: int, dedup_threshold: float,
             synthesis_pipeline.build(pipeline, plan, run_dir, units_dir, num_files,
                                      dedup_threshold, reference)
     except Exception as e:
-        gfile.rmtree(run_dir) if gfile.exists(run_dir) else None
+        if gfile.exists(run_dir):
+            gfile.rmtree(run_dir)
         found = beam_pipeline.worker_error(e)
         if found:
             raise UserError(found) from None
@@ -142,8 +143,7 @@ def _run(plan: Plan, out: str, num_files: int, dedup_threshold: float,
         if gfile.exists(os.path.join(parts, "corpus.json")) else []
     gfile.rmtree(parts)
     report = {"plan": dataclasses.asdict(plan), "plan_hash": digest, "run": run,
-              "corpus": [os.path.relpath(p, out) if not out.startswith(("gs://", "ram://"))
-                         else p[len(out) + 1:] for p in corpus],
+              "corpus": [p[len(out) + 1:] for p in corpus],  # relative to the output dir
               "stats": dict(sorted(stats.items())), "seconds": round(seconds, 3),
               "units": os.path.basename(units_dir)}
     report["summary"] = summary(report)
