@@ -394,8 +394,8 @@ def test_an_empty_input_without_scenarios_is_one_line(tmp_path):
     with pytest.raises(UserError) as e:
         _prepare(tmp_path, path)
     assert str(e.value) == (
-        f"no documents to prepare: prepare.num_scenarios=0 and --from_text "
-        f"{path} holds no usable records; give text with documents or num_scenarios > 0")
+        f"no documents to prepare: prepare.num_scenarios=0 and the inputs "
+        f"{path} hold no usable records; give inputs with documents or num_scenarios > 0")
 
 
 def test_a_data_dir_no_file_system_reaches_is_one_line(tmp_path):

@@ -51,6 +51,8 @@ def test_the_api_key_comes_from_the_file_or_the_env(tmp_path, monkeypatch):
     ("api", "responses", "--teacher_api=responses"), ("url", "localhost:8000", "API base"),
     ("concurrency", 0, "concurrency=0"), ("timeout_s", 0.0, "timeout_s=0.0"),
     ("max_retries", -1, "max_retries=-1"), ("requests_per_s", -2.0, "requests_per_s"),
+    ("temperature", -1.0, "temperature=-1.0"), ("top_p", 0.0, "top_p=0.0"),
+    ("timeout_s", float("inf"), "timeout_s=inf"), ("temperature", float("nan"), "nan"),
 ])
 def test_settings_no_run_could_use_are_one_line_errors(field, value, needle):
     fields = {"url": "http://h/v1", field: value}

@@ -178,6 +178,10 @@ def runner_options(runner: str, direct_num_workers: int,
     """The Beam options of a run; an unknown runner is a one-line error before any work."""
     from apache_beam.runners import runner as beam_runner
 
+    if isinstance(direct_num_workers, bool) or not isinstance(direct_num_workers, int) \
+            or direct_num_workers < 1:
+        raise UserError(f"--direct_num_workers={direct_num_workers!r}: give a positive "
+                        "number of worker processes")
     options = [f"--runner={runner}"]
     if runner == "DirectRunner":
         options += [f"--direct_num_workers={direct_num_workers}", "--direct_running_mode="

@@ -86,7 +86,9 @@ def read_records(path: str) -> Iterator[records.Document | BadRecord]:
     for number, line in enumerate(data.split(b"\n"), start=1):
         if line.strip():
             try:
-                yield records.from_json(line)
+                yield records.from_json(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield BadRecord(path, f"{path}:{number}", f"invalid UTF-8 at byte {e.start}")
             except (ValueError, TypeError) as e:
                 yield BadRecord(path, f"{path}:{number}", _one_line(str(e)))
 

@@ -106,10 +106,6 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
                         "trained on this many documents; give a positive count")
     if bad_records not in ("error", "skip"):
         raise UserError(f"--bad_records={bad_records}: use error or skip")
-    if isinstance(direct_num_workers, bool) or not isinstance(direct_num_workers, int) \
-            or direct_num_workers < 1:
-        raise UserError(f"--direct_num_workers={direct_num_workers!r}: give a positive "
-                        "number of worker processes")
     data_dir = fileio.absolute(data_dir)
     try:
         fileio.gfile().exists(data_dir)
@@ -275,10 +271,10 @@ def _vocabulary_sample(config: Config) -> list[str]:
     texts = [doc.text for doc in itertools.islice(sample_documents(config),
                                                   config.vocab_documents)]
     if not texts:
-        files = " ".join(config.from_text) or "(none)"
+        files = " ".join(config.from_text + config.documents) or "(none)"
         raise UserError(f"no documents to prepare: prepare.num_scenarios="
-                        f"{config.num_scenarios} and --from_text {files} holds no "
-                        "usable records; give text with documents or num_scenarios > 0")
+                        f"{config.num_scenarios} and the inputs {files} hold no "
+                        "usable records; give inputs with documents or num_scenarios > 0")
     return texts
 
 

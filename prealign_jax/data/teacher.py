@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import math
 import os
 import random
 import time
@@ -61,9 +62,15 @@ class TeacherConfig:
         for name in ("max_tokens", "concurrency", "timeout_s"):
             if not getattr(self, name) > 0:
                 raise TeacherError(f"teacher {name}={getattr(self, name)}: must be > 0")
-        for name in ("requests_per_s", "max_retries", "backoff_s"):
+        for name in ("requests_per_s", "max_retries", "backoff_s", "temperature"):
             if getattr(self, name) < 0:
                 raise TeacherError(f"teacher {name}={getattr(self, name)}: must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise TeacherError(f"teacher top_p={self.top_p}: must be in (0, 1]")
+        for name in ("temperature", "timeout_s", "requests_per_s", "backoff_s",
+                     "max_backoff_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise TeacherError(f"teacher {name}={getattr(self, name)}: must be finite")
 
     def api_key(self) -> str:
         if self.api_key_file:
