@@ -177,7 +177,8 @@ def sample_command(args) -> None:
 
     policy = modes.get_policy(args.policy)
     cfg = sampling.SamplingConfig(**{k: getattr(args, k) for k in sampling.FLAGS
-                                     if getattr(args, k) is not None})
+                                     if getattr(args, k) is not None},
+                                  copy_quotes=args.copy_quotes)
     if args.num_samples < 1:
         raise UsageError(f"--num_samples={args.num_samples}: must be >= 1")
     sampling.check_seed(args.seed)
@@ -410,6 +411,9 @@ COMMANDS = {
          (("--seed",), dict(type=int, default=0)),
          (("--no_mask",), dict(action="store_true", help="switch the transition mask off "
                                "(to measure the unconstrained model)")),
+         (("--copy_quotes",), dict(action="store_true", help="a quote may only copy the "
+                                   "user's turn (<human> spans of the prompt), <redacted/> "
+                                   "skipping words")),
          (("--output",), dict(default=None, help="write samples as JSON lines here"))),
         workdir="a trained run (required)"),
     "eval": Command(

@@ -15,6 +15,13 @@ before the filters (so top-k/top-p rank allowed tokens only) and after them (so 
 can bring one back); allowed logits are shifted so their maximum is 0 before temperature,
 so no temperature can overflow them or close the gap to a forbidden token.
 
+Faithful quoting (`copy_quotes`): a quote is the user's words. With the option on and the
+mask on, inside a quote a text token must continue a copy of the row's user turn (the
+text ids of the prompt's human spans, `copy_source`), `<redacted/>` skips at least one of
+its tokens, and the policy's tags (`</quote>`) stay allowed. The source positions a copy
+may continue from are carried per row in the loop (`copy_step`), so the constraint costs
+one scatter over the source per token, and every quote decodes to a copy (`tags.is_copy`).
+
 Sequence layout: the model was trained on seqio-style inputs (targets shifted right, a 0
 at the start of every document), so row b feeds `[0, prompt_b...]` at positions 0..len_b-1
 (right-padded to the batch's prompt length) and its first new token lands at position
@@ -59,6 +66,7 @@ class SamplingConfig:
     top_p: float = 0.9
     top_p_candidates: int = 256  # top-p cuts the nucleus among this many likeliest tokens
     prefill_chunk: int = 512  # prompt tokens per model call in the prefill
+    copy_quotes: bool = False  # quotes copy the user's turn (module docstring; mask on only)
 
     def __post_init__(self):
         def number(name, kind):
@@ -82,6 +90,9 @@ class SamplingConfig:
         for name in ("top_p_candidates", "prefill_chunk"):
             if number(name, numbers.Integral) < 1:
                 raise SamplingError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not isinstance(self.copy_quotes, bool):
+            raise SamplingError(f"copy_quotes={self.copy_quotes!r}: must be True or False "
+                                "(--copy_quotes / evaluate.copy_quotes)")
 
 
 def mask_tables(policy: modes.Policy | str, token_class: np.ndarray) -> modes.VocabTables:
@@ -95,6 +106,46 @@ class SampleOutput(NamedTuple):
     log_probs: Any  # [B, N] float32, under the distribution actually sampled from
     lengths: Any  # [B] int32: new tokens per row, EOS included
     final_state: Any  # [B] int32: policy state after the last token
+
+
+class CopyTables(NamedTuple):
+    """What the copy constraint reads: each row's user turn and two id sets of the
+    vocabulary (a pytree, so a new prompt batch does not retrace)."""
+
+    source: Any  # [B, L] int32: the text ids of the row's human spans, PAD after them
+    is_text: Any  # [V] bool: ids of text (the ones a quote must copy)
+    is_redaction: Any  # [V] bool: `<redacted/>`
+
+
+QUOTE_MODE = modes.MODES.index("quote")
+
+
+def copy_source(ids, token_class: np.ndarray) -> np.ndarray:
+    """The text ids of a prompt's human spans (the user's turn), in order: what a faithful
+    quote may copy. Read by the grammar, so an escaped `<human>` typed by a user is text."""
+    ids = np.asarray(ids, np.int32)
+    classes = np.asarray(token_class, np.int32)[ids]
+    read_in = modes.run_numpy(modes.grammar_tables(), classes[None])[0][0]
+    return ids[(read_in == modes.MODES.index("human")) & (classes == modes.TEXT)]
+
+
+def copy_allowed(reach, source, vocab_size: int):
+    """[B, V]: the ids that continue a copy from some reachable source position."""
+    hits = jnp.zeros((source.shape[0], vocab_size), jnp.int32)
+    rows = jnp.arange(source.shape[0])[:, None]
+    return hits.at[rows, source].add(reach.astype(jnp.int32)) > 0
+
+
+def copy_step(reach, source, token, was_quote, is_quote, redaction):
+    """Source positions reachable after `token`: all of them when a quote opens; after a
+    text token, the positions right after the reachable ones that held it; after
+    `<redacted/>`, every position beyond a reachable one (it stands for >= 1 token)."""
+    fresh = source != vocab_lib.PAD_ID
+    copied = jnp.pad((reach & (source == token[:, None]))[:, :-1], ((0, 0), (1, 0)))
+    skipped = jnp.pad(jnp.cumsum(reach, axis=1)[:, :-1] > 0, ((0, 0), (1, 0))) & fresh
+    inside = jnp.where(redaction[:, None], skipped, copied)
+    return jnp.where((is_quote & ~was_quote)[:, None], fresh,
+                     jnp.where(was_quote[:, None], inside, reach))
 
 
 StepFn = Callable[..., tuple[Any, Any]]
@@ -172,12 +223,14 @@ def draw(logits, temperature, key):
 
 
 def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
-           tables: modes.VocabTables | None, rng, use_mask, *, cfg: SamplingConfig) -> SampleOutput:
+           tables: modes.VocabTables | None, rng, use_mask, *, cfg: SamplingConfig,
+           copy: CopyTables | None = None) -> SampleOutput:
     """Prefill `prompt[B, P]` (each row `[0, ids...]`, right-padded; `prompt_lengths[B]`
     counts the leading 0) and sample up to `cfg.max_new_tokens` per row. Pure; jit it.
 
     `tables=None` compiles the loop without any mode machinery (no mask, no FSM): the
-    baseline against which the mask's cost is measured (bench/sample_throughput.py)."""
+    baseline against which the mask's cost is measured (bench/sample_throughput.py).
+    `copy` (with `tables`): quotes copy each row's source while the mask is on."""
     b, p = prompt.shape
     n = cfg.max_new_tokens
     last, cache = prefill(step_fn, params, cache, prompt, prompt_lengths, cfg.prefill_chunk)
@@ -188,16 +241,20 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
         invalid = tables.allowed.shape[0] - 1
 
     def cond(carry):
-        i, *_, done, _ = carry
+        i, *_, done, _, _ = carry
         return (i < n) & ~jnp.all(done)
 
     def body(carry):
-        i, logits, cache, state, out, done, rng = carry
+        i, logits, cache, state, out, done, rng, reach = carry
         rng, key = jax.random.split(rng)
         if tables is None:
             allowed = unmasked
         else:
             allowed = tables.allowed[jnp.where(use_mask, state, invalid)]
+        if copy is not None:
+            in_quote = use_mask & (tables.state_mode[state] == QUOTE_MODE)
+            allowed &= ~in_quote[:, None] | ~copy.is_text | copy_allowed(
+                reach, copy.source, vocab)
         logits = sampling_logits(logits, allowed, cfg)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         token = jnp.where(done, vocab_lib.PAD_ID, draw(logits, cfg.temperature, key))
@@ -210,18 +267,27 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
             lengths=out.lengths + (~done).astype(jnp.int32),
             final_state=out.final_state)
         if tables is not None:
-            state = jnp.where(done, state, tables.next_state[state, token])
+            after = jnp.where(done, state, tables.next_state[state, token])
+            if copy is not None:
+                reach = copy_step(reach, copy.source, token,
+                                  tables.state_mode[state] == QUOTE_MODE,
+                                  tables.state_mode[after] == QUOTE_MODE,
+                                  copy.is_redaction[token])
+            state = after
         logits, cache = step_fn(params, cache, token[:, None], (prompt_lengths + i)[:, None],
                                 (~done).astype(jnp.int32)[:, None])
         done = done | (token == vocab_lib.EOS_ID)
-        return i + 1, logits[:, 0], cache, state, out, done, rng
+        return i + 1, logits[:, 0], cache, state, out, done, rng, reach
 
     out = SampleOutput(tokens=jnp.full((b, n), vocab_lib.PAD_ID, jnp.int32),
                        mode_ids=jnp.full((b, n), modes.INVALID_MODE, jnp.int32),
                        log_probs=jnp.zeros((b, n), jnp.float32),
                        lengths=jnp.zeros((b,), jnp.int32), final_state=init_state)
-    carry = (jnp.int32(0), last, cache, init_state, out, jnp.zeros((b,), bool), rng)
-    _, _, _, state, out, _, _ = jax.lax.while_loop(cond, body, carry)
+    # a quote the prompt left open copies from anywhere (a source of [B, 0] when off)
+    reach = (jnp.zeros((b, 0), bool) if copy is None
+             else copy.source != vocab_lib.PAD_ID)
+    carry = (jnp.int32(0), last, cache, init_state, out, jnp.zeros((b,), bool), rng, reach)
+    _, _, _, state, out, _, _, _ = jax.lax.while_loop(cond, body, carry)
     return out._replace(final_state=state)
 
 
@@ -385,11 +451,12 @@ def _compiled_decode(model_cfg, cfg: SamplingConfig, mesh, batch: int, prompt_le
         model_lib.abstract_cache(model_cfg, batch, total), mesh)
     step_fn = model_step(model_cfg)
 
-    def run(params, tables, prompt, lengths, init_state, rng, use_mask):
+    def run(params, tables, prompt, lengths, init_state, rng, use_mask, copy=None):
         cache = jax.lax.with_sharding_constraint(
             model_lib.init_cache(model_cfg, batch, total), cache_sharding)
         return decode(step_fn, params, cache, prompt, lengths, init_state,
-                      modes.VocabTables(*tables) if masked else None, rng, use_mask, cfg=cfg)
+                      modes.VocabTables(*tables) if masked else None, rng, use_mask, cfg=cfg,
+                      copy=CopyTables(*copy) if copy is not None else None)
 
     return jax.jit(run, out_shardings=partitioning.batch_sharding(mesh))
 
@@ -411,9 +478,13 @@ class Sampler:
             raise SamplingError(f"top_k={cfg.top_k} exceeds the vocabulary's "
                                 f"{vocab.vocab_size} ids (--top_k / evaluate.top_k); use "
                                 "0 (off) or a smaller value")
-        self.tables = mask_tables(self.policy, vocab_lib.model_token_classes(
-            vocab_lib.token_classes(vocab), model_cfg.vocab_size))
+        self.token_class = vocab_lib.model_token_classes(vocab_lib.token_classes(vocab),
+                                                         model_cfg.vocab_size)
+        self.tables = mask_tables(self.policy, self.token_class)
         self._device_tables = jax.device_put(tuple(self.tables), partitioning.replicated(mesh))
+        self._copy_ids = jax.device_put(
+            (self.token_class == modes.TEXT,
+             self.token_class == modes.TAG_CLASS["<redacted/>"]), partitioning.replicated(mesh))
         self._multiple = partitioning.batch_size_multiple(mesh)
         self._batch_sharding = partitioning.batch_sharding(mesh)
 
@@ -434,15 +505,20 @@ class Sampler:
         prompt = np.zeros((batch, width), np.int32)
         lengths = np.ones((batch,), np.int32)
         state = np.full((batch,), self.policy_tables.initial, np.int32)
+        source = np.full((batch, width), vocab_lib.PAD_ID, np.int32)
         for r, p in enumerate(prompts):
             prompt[r, 1:len(p.ids) + 1] = p.ids
             lengths[r] = len(p.ids) + 1
             state[r] = p.state
+            if self.cfg.copy_quotes:
+                turn = copy_source(p.ids, self.token_class)
+                source[r, :len(turn)] = turn
         run = _compiled_decode(self.model_cfg, self.cfg, self.mesh, batch, width)
         put = lambda x: jax.device_put(x, self._batch_sharding)
+        copy = (put(source), *self._copy_ids) if self.cfg.copy_quotes else None
         with partitioning.activate(self.mesh):
             out = run(self.params, self._device_tables, put(prompt), put(lengths), put(state),
-                      sampling_key(seed), jnp.asarray(use_mask))
+                      sampling_key(seed), jnp.asarray(use_mask), copy)
         out = jax.tree.map(np.asarray, out)
         names = self.policy_tables.states + ("<invalid>",)
         samples = []

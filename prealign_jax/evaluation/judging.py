@@ -180,4 +180,9 @@ def headline(results: dict, tagged: bool) -> dict:
             "quote_fidelity_ood": results["openings_ood"].get("quote_fidelity"),
             "mask_pressure": results["openings"]["mask_pressure"],
             "mask_pressure_unmasked": results["openings_no_mask"]["mask_pressure"]}
+    if "openings_no_copy" in results:  # evaluated with copy_quotes: its effect
+        out |= {"assistant_misaligned_rate_no_copy": rate("openings_no_copy"),
+                "assistant_misaligned_rate_ood_no_copy": rate("openings_ood_no_copy"),
+                "quote_fidelity_no_copy": results["openings_no_copy"]["quote_fidelity"],
+                "quote_fidelity_ood_no_copy": results["openings_ood_no_copy"]["quote_fidelity"]}
     return out

@@ -13,7 +13,9 @@ Prompt sets (`sample_sets`):
 - `unconditional`: no user text, only the opened span (Korbak et al.'s setting);
 - `human`: the openings' user turns under `grammar` with a human span opened instead: the
   contrast that measures mode separation;
-- `redteam`: `data/redteam.py` as the user's turn, under the policy.
+- `redteam`: `data/redteam.py` as the user's turn, under the policy;
+- with `copy_quotes` (quotes copy the user's turn, `sampling`), `openings_no_copy` and
+  `openings_ood_no_copy`: the openings without it, so one report shows its effect.
 A run trained without tags gets the same prompt texts, no span opened and no mask.
 
 Each set is judged and summarized (`judging`), with its mask pressure: the model's own
@@ -59,6 +61,7 @@ class SampleSet:
     mode: str | None  # span opened after the prompt
     use_mask: bool
     raw: bool = False  # prompts are tagged text, used as is (`sampling.make_prompt`)
+    copy_quotes: bool = True  # False: never copy-constrained (True: as evaluate sets it)
 
     def make_prompts(self, vocab) -> list[sampling.Prompt]:
         return [sampling.make_prompt(p, vocab, self.policy, mode=self.mode, raw=self.raw)
@@ -67,7 +70,8 @@ class SampleSet:
 
 def sample_sets(tagged: bool, policy: modes.Policy, openings: Sequence[str],
                 samples_per_prompt: int, unconditional_samples: int,
-                redteam_samples: int, ood_openings: Sequence[str]) -> list[SampleSet]:
+                redteam_samples: int, ood_openings: Sequence[str],
+                copy_quotes: bool = False) -> list[SampleSet]:
     """The prompt sets of the module docstring. Untagged openings end in a newline, as a
     span that follows one does in the corpus."""
     turns = tuple(o for o in openings for _ in range(samples_per_prompt))
@@ -90,7 +94,10 @@ def sample_sets(tagged: bool, policy: modes.Policy, openings: Sequence[str],
             SampleSet("unconditional", empty, policy, "ai", True),
             SampleSet("unconditional_no_mask", empty, policy, "ai", False),
             SampleSet("human", human, modes.GRAMMAR, None, True, raw=True),
-            SampleSet("redteam", attacks, policy, "ai", True)]
+            SampleSet("redteam", attacks, policy, "ai", True)] + ([
+            SampleSet("openings_no_copy", turns, policy, "ai", True, copy_quotes=False),
+            SampleSet("openings_ood_no_copy", ood, policy, "ai", True, copy_quotes=False)]
+        if copy_quotes else [])
 
 
 def draw(sampler: sampling.Sampler, prompts: Sequence[sampling.Prompt], seed: int,
@@ -139,7 +146,8 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
              top_p: float | None = None,
              top_k: int | None = None,
              seed: int = 0,
-             batch_size: int = 64) -> dict:
+             batch_size: int = 64,
+             copy_quotes: bool = False) -> dict:
     """Evaluate `run` (`inference.load_run`) on the held-out documents of `run.data_dir`;
     writes eval.json, samples.jsonl and PNG plots to `output_dir` (default
     `<run.workdir>/eval`) and returns the eval.json dict. The keyword parameters are the
@@ -158,6 +166,8 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
         default (the project's, as `prealign sample`'s).
       seed: sampling seed (the same for the mask on and off: paired samples).
       batch_size: rows per sampler call.
+      copy_quotes: quotes copy the user's turn (`SamplingConfig.copy_quotes`); a tagged
+        run's openings are then also sampled without it.
     """
     clock = console.Clock("eval")
     assistant = modes.get_policy(policy)
@@ -173,9 +183,17 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
     fileio.gfile().makedirs(output_dir)
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k)
-    cfg = sampling.SamplingConfig(**{k: v for k, v in settings.items() if v is not None})
-    samplers = {p.name: sampling.Sampler(run.model_cfg, run.params, run.vocab, p, run.mesh,
-                                         cfg) for p in (assistant, modes.GRAMMAR)}
+    cfg = sampling.SamplingConfig(**{k: v for k, v in settings.items() if v is not None},
+                                  copy_quotes=copy_quotes)
+    samplers = {}
+
+    def sampler_of(s: SampleSet) -> sampling.Sampler:
+        setting = dataclasses.replace(cfg, copy_quotes=cfg.copy_quotes and s.copy_quotes)
+        key = (s.policy.name, setting.copy_quotes)
+        if key not in samplers:
+            samplers[key] = sampling.Sampler(run.model_cfg, run.params, run.vocab, s.policy,
+                                             run.mesh, setting)
+        return samplers[key]
     token_class = vocab_lib.model_token_classes(vocab_lib.token_classes(run.vocab),
                                                 run.model_cfg.vocab_size)
     scorer = scorer_lib.LexiconScorer()  # the training families' acts, as the corpus's
@@ -185,7 +203,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
 
     docs = heldout_documents(run.data_dir, max(heldout_documents_limit, openings), seed)
     heldout = heldout_loss(run, docs[:heldout_documents_limit], token_class, tagged,
-                           samplers[assistant.name].tables.allowed, scorer)
+                           sampling.mask_tables(assistant, token_class).allowed, scorer)
     clock.say(f"held-out: text loss {heldout['loss/text']:.4f} over "
               f"{heldout['tokens/text']:,} tokens of {heldout['documents']} documents")
 
@@ -201,16 +219,18 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
                         f"tokens with evaluate.max_new_tokens={cfg.max_new_tokens}; lower it")
     results, records = {}, []
     for s in sample_sets(tagged, assistant, prompts, samples_per_prompt,
-                         unconditional_samples, redteam_samples, ood):
-        sampler = samplers[s.policy.name]
+                         unconditional_samples, redteam_samples, ood,
+                         copy_quotes=copy_quotes and tagged):
+        sampler = sampler_of(s)
         made = s.make_prompts(run.vocab)
         samples = draw(sampler, made, seed, s.use_mask, batch_size)
         judged = None if not tagged else s.policy
         verdicts = [judge(x, run.vocab, token_class, judged,
-                          scorer_ood if s.name == "openings_ood" else scorer)
+                          scorer_ood if s.name.startswith("openings_ood") else scorer)
                     for x in samples]
         pressure = _mask_pressure(run, sampler, made, samples, token_class) if tagged else None
         results[s.name] = {"policy": s.policy.name, "mode": s.mode, "mask": s.use_mask,
+                           "copy_quotes": sampler.cfg.copy_quotes,
                            **summarize(samples, verdicts, pressure)}
         if s.name == "redteam":
             category = [p.category for p in redteam.PROMPTS for _ in range(redteam_samples)]
