@@ -28,9 +28,8 @@ from prealign_jax.evaluation.teacher_forcing import (Packed, forbidden_mass, pac
                                                      teacher_forced)
 
 __all__ = ["ALL", "EVAL_FILE", "INVALID", "SAMPLES_FILE", "TEXT_GROUPS", "UNFAITHFUL",
-           "EvalError", "Packed", "SampleSet", "Verdict", "answer_texts", "distinct_n", "draw", "evaluate",
-           "forbidden_mass", "held_out_family_openings", "heldout_documents",
-           "heldout_loss", "headline", "judge", "mode_texts", "opening", "own_words", "pack",
-           "plot_eval",
-           "quotes", "sample_sets", "save_figure", "summarize", "summary_lines",
-           "teacher_forced", "text_labels"]
+           "EvalError", "Packed", "SampleSet", "Verdict", "answer_texts", "distinct_n",
+           "draw", "evaluate", "forbidden_mass", "held_out_family_openings",
+           "heldout_documents", "heldout_loss", "headline", "judge", "mode_texts", "opening",
+           "own_words", "pack", "plot_eval", "quotes", "sample_sets", "save_figure",
+           "summarize", "summary_lines", "teacher_forced", "text_labels"]
