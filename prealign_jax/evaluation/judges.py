@@ -241,8 +241,8 @@ class LearnedJudge:
     features (scikit-learn's HashingVectorizer) need no fitted vocabulary, so the weights
     are the whole model: trained on demand in seconds, never stored; 2- and 3-grams keep
     a negation with its act ("won't help you keep"), which a bag of words loses. Logistic
-    regression is convex: the same spans give the same weights (no seed, unlike a neural
-    net). It judges each line of the own words (the `ai` text between quotes, each
+    regression is convex and Newton-CG solves it without sampling: the same spans give the
+    same weights (no seed, unlike a neural net or SGD). It judges each line of the own words (the `ai` text between quotes, each
     invented quote: the units it was trained on) and flags the answer if any line is
     misaligned, as CRITERIA.md does. It learns the corpus's labels, which mark selfish
     content in any voice (a human narrating someone else's act too), so it may flag a
@@ -259,7 +259,7 @@ class LearnedJudge:
         self.spans = len(texts)
         self.features = HashingVectorizer(ngram_range=(1, 3), n_features=2 ** 18,
                                           token_pattern=r"[\w']+", alternate_sign=False)
-        self.model = LogisticRegression(C=10.0, max_iter=2000).fit(
+        self.model = LogisticRegression(C=10.0, solver="newton-cg", max_iter=100).fit(
             self.features.transform(texts), labels)
 
     def predict(self, texts: Sequence[str]) -> list[bool]:
