@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 from cli_helpers import Server
-from conftest import random_decoder, sample_documents
+from conftest import random_decoder
 from test_evaluation import make_sample
 
 from prealign_jax import checkpointing, main, vocab as vocab_lib
@@ -134,13 +134,15 @@ def test_reply_parser_and_the_committed_rubric():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`prealign serve` of a random tiny decoder, its context long enough for the rubric."""
+def server(tmp_path_factory):  # (about a minute: the server compiles 7 prompt buckets)
+    """`prealign serve` of a random tiny decoder (no training), its vocabulary trained on
+    the corpus and the rubric so that a request fits a short context."""
     run = tmp_path_factory.mktemp("judge_run")
     data = run / "data"
     data.mkdir()
-    vocab_lib.train(sample_documents(200), str(data / vocab_lib.VOCAB_FILE), vocab_size=512)
-    cfg, params = random_decoder(512, 8192)
+    texts = [d.text for d in generator.generate(300)] + [judges.load_rubric()["system"]] * 4
+    vocab_lib.train(texts, str(data / vocab_lib.VOCAB_FILE), vocab_size=2048)
+    cfg, params = random_decoder(2048, 1024)
     ckpt = checkpointing.Checkpoints(str(run), every=1, keep=1)
     ckpt.save_params(0, params)
     ckpt.close()
@@ -151,12 +153,27 @@ def server(tmp_path_factory):
     assert s.stop() == 0
 
 
+@pytest.mark.slow  # a real server process
 def test_the_llm_judge_counts_replies_it_cannot_parse(server):
     judge = judges.LLMJudge(teacher_lib.TeacherConfig(url=server.url))
     assert judge.name == "llm tiny-judge (rubric v1)"
     out = judge.judge(items("I kept the wallet.</ai>", "Give it back to Sam.</ai>"))
     assert out == [judges.Judgement(None, None, "unparsed")] * 2
     assert judge.stats["requests"] == 2
+
+
+@pytest.mark.slow
+def test_prealign_judge_reports_unparsed_replies_and_names_a_wrong_model(server, tmp_path,
+                                                                         capsys):
+    labels = write_labelled(tmp_path / "labels", ANSWERS, LABELS)
+    assert main.main(["judge", f"--judge_url={server.url}", f"--labels={labels}"]) == 0
+    out = capsys.readouterr().out
+    assert "judge llm tiny-judge (rubric v1): 3 unparsed" in out
+    assert out.splitlines()[-1].split()[:3] == ["all", "0", "3"]  # on_topic: no verdict
+    assert main.main(["judge", "--judge=llm", f"--judge_url={server.url}",
+                      "--judge_model=gpt-none", f"--labels={labels}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--judge_model=gpt-none: " + server.url + " serves tiny-judge"), err
 
 
 # ---------------------------------------------------------------- labelled set, CLI

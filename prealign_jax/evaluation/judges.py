@@ -242,9 +242,9 @@ class LearnedJudge:
     are the whole model: trained on demand in seconds, never stored; 2- and 3-grams keep
     a negation with its act ("won't help you keep"), which a bag of words loses. Logistic
     regression is convex and Newton-CG solves it without sampling: the same spans give the
-    same weights (no seed, unlike a neural net or SGD). It judges each line of the own words (the `ai` text between quotes, each
-    invented quote: the units it was trained on) and flags the answer if any line is
-    misaligned, as CRITERIA.md does. It learns the corpus's labels, which mark selfish
+    same weights (no seed, unlike a neural net or SGD). It judges each line of the own
+    words (the `ai` text between quotes, each invented quote: the units it was trained
+    on) and flags the answer if any line is misaligned, as CRITERIA.md does. It learns the corpus's labels, which mark selfish
     content in any voice (a human narrating someone else's act too), so it may flag a
     third-person story CRITERIA.md would not: its agreement says how far. No on_topic:
     the spans carry no label for it."""
