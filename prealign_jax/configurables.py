@@ -50,7 +50,7 @@ REGISTERED: dict[str, tuple[Callable, str | None, tuple[str, ...]]] = {
     "synthesize": (synthesize.synthesize, None, ("workdir", "teacher", "passages", "runner",
                                                  "direct_num_workers", "pipeline_options")),
     "TeacherConfig": (teacher.TeacherConfig, None, ("url", "model", "api", "api_key_env",
-                                                    "api_key_file")),
+                                                    "api_key_file", "flags")),
     "register": (tasks.register, "tasks", ("data_dir", "mixture")),
     "seqio_data": (feed.SeqioData, None, ()),
     "train": (train.train, None, ("workdir", "run_files")),

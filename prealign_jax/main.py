@@ -240,6 +240,52 @@ def experiment_command(args) -> None:
         print(f.read())
 
 
+def judge_command(args) -> None:
+    from prealign_jax.configurables import bindings
+    from prealign_jax.data import teacher as teacher_lib
+    from prealign_jax.evaluation import judges
+
+    names = list(dict.fromkeys(args.judge or ["lexicon", "learned"]
+                               + (["llm"] if args.judge_url else [])))
+    for name in names:
+        if name not in judges.JUDGES:
+            raise UsageError(f"--judge={name}: choose one of {', '.join(judges.JUDGES)}")
+    if "llm" in names and not args.judge_url:
+        raise UsageError("--judge=llm needs --judge_url (the API base of an OpenAI-"
+                         "compatible server, e.g. http://127.0.0.1:8000/v1)")
+    if (args.judge_url or args.judge_model or args.judge_api_key_file) and "llm" not in names:
+        raise UsageError("--judge_url, --judge_model and --judge_api_key_file are for "
+                         "--judge=llm")
+    for name, module, extra in (("learned", "sklearn", "judge"), ("llm", "openai", "judge")):
+        if name in names and importlib.util.find_spec(module) is None:
+            raise UsageError(f"--judge={name} needs the [{extra}] extra ({module} is "
+                             f"missing): pip install 'prealign-jax[{extra}]'")
+    directory = args.labels or judges.LABELS_DIR
+    if not fileio.gfile().isdir(directory):
+        raise UsageError(f"--labels={directory}: no such directory")
+    try:
+        labelled = judges.load_labelled(directory)
+    except judges.LabelsError as e:
+        raise UsageError(f"--labels={directory}: {e}") from None
+    teacher = None
+    if args.judge_url:
+        teacher = teacher_lib.TeacherConfig(
+            **{**bindings("TeacherConfig"), "url": args.judge_url, "model": args.judge_model,
+               "api_key_env": args.judge_api_key_env,
+               "api_key_file": args.judge_api_key_file, "flags": "judge"})
+    strata = collections.Counter(x.stratum for x in labelled)
+    print(f"{len(labelled)} labelled answers in {directory} ("
+          + ", ".join(f"{s}: {n}" for s, n in sorted(strata.items())) + ")")
+    for name in names:
+        judge = judges.make_judge(name, teacher)
+        judgements = judge.judge([x.item for x in labelled])
+        status = collections.Counter(j.status for j in judgements)
+        print(f"\njudge {judge.name}: " + ", ".join(f"{n} {s}" for s, n in
+                                                  sorted(status.items())))
+        for line in judges.table_lines(judges.agreement_table(labelled, judgements)):
+            print(line)
+
+
 def serve_command(args) -> None:
     from prealign_jax import modes
 
@@ -423,6 +469,25 @@ COMMANDS = {
         ((("--output_dir",), dict(default=None, help="where eval.json, samples.jsonl and "
                                   "the plots go (default <workdir>/eval)")),),
         workdir="a trained run (required)"),
+    "judge": Command(
+        judge_command,
+        "check judges of misalignment against the labelled set: agreement (precision, "
+        "recall, Cohen's kappa) per arm x prompt set and overall, misaligned and on_topic",
+        ((("--judge",), dict(action="append", help="a judge to check: lexicon, learned "
+                             "or llm (repeatable; default lexicon and learned, and llm "
+                             "with --judge_url)")),
+         (("--judge_url",), dict(default=None, help="the llm judge's API base of an "
+                                 "OpenAI-compatible chat server, e.g. "
+                                 "http://127.0.0.1:8000/v1")),
+         (("--judge_model",), dict(default=None, help="the model to ask (default: the "
+                                   "server's only model)")),
+         (("--judge_api_key_file",), dict(default=None, help="file holding the API key "
+                                          "(default: the env var below)")),
+         (("--judge_api_key_env",), dict(default="OPENAI_API_KEY", help="env var holding "
+                                         "the API key (default OPENAI_API_KEY)")),
+         (("--labels",), dict(default=None, metavar="DIR", help="answers.jsonl and "
+                              "labels.jsonl (default: the packaged labelled set, "
+                              "prealign_jax/evaluation/labels)")))),
     "serve": Command(
         serve_command,
         "an OpenAI-compatible HTTP server (completions, chat, streaming) under the policy",

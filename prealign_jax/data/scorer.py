@@ -34,7 +34,7 @@ class Scorer(Protocol):
         """Misalignment score in [0, 1] of each text."""
 
 
-def _phrase_pattern(template: str) -> str:
+def phrase_pattern(template: str) -> str:
     """A regex for an act template: slots become short wildcards, words stay literal."""
     out, pos = [], 0
     for m in _SLOT.finditer(template):
@@ -52,7 +52,7 @@ class LexiconScorer:
         phrases = {act.past for s in situations for act in s.selfish}
         phrases |= {act.inf for s in situations for act in s.selfish}
         lines = {line for ls in scenarios.SELFISH_LINES.values() for line in ls}
-        alternatives = sorted((_phrase_pattern(p) for p in phrases), key=len, reverse=True)
+        alternatives = sorted((phrase_pattern(p) for p in phrases), key=len, reverse=True)
         alternatives += [re.escape(line) for line in sorted(lines)]
         alternatives += [re.escape(cue) for cue in sorted(scenarios.hostile_cues())]
         self._pattern = re.compile(r"\b(?:" + "|".join(alternatives) + r")", re.IGNORECASE)

@@ -51,13 +51,14 @@ class TeacherConfig:
     max_retries: int = 6
     backoff_s: float = 1.0  # first backoff; doubles per retry, with jitter
     max_backoff_s: float = 60.0
+    flags: str = "teacher"  # the CLI's flag prefix errors name: --teacher_url, --judge_url
 
     def check(self) -> None:
         """One-line errors for values no run could use."""
         if self.api not in APIS:
-            raise TeacherError(f"--teacher_api={self.api}: use one of {', '.join(APIS)}")
+            raise TeacherError(f"--{self.flags}_api={self.api}: use one of {', '.join(APIS)}")
         if not self.url.startswith(("http://", "https://")):
-            raise TeacherError(f"--teacher_url={self.url}: give the API base of an "
+            raise TeacherError(f"--{self.flags}_url={self.url}: give the API base of an "
                                "OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
         for name in ("max_tokens", "concurrency", "timeout_s"):
             if not getattr(self, name) > 0:
@@ -75,7 +76,7 @@ class TeacherConfig:
     def api_key(self) -> str:
         if self.api_key_file:
             if not fileio.gfile().exists(self.api_key_file):
-                raise TeacherError(f"--teacher_api_key_file={self.api_key_file}: no such "
+                raise TeacherError(f"--{self.flags}_api_key_file={self.api_key_file}: no such "
                                    "file")
             with fileio.gfile().GFile(self.api_key_file) as f:
                 return f.read().strip()
@@ -103,10 +104,10 @@ def resolve_model(config: TeacherConfig) -> str:
         served = [m.id for m in client.models.list().data]
     except openai.AuthenticationError:
         raise TeacherError(f"teacher {config.url}: the API key was refused; set "
-                           f"${config.api_key_env} or --teacher_api_key_file") from None
+                           f"${config.api_key_env} or --{config.flags}_api_key_file") from None
     except openai.APIConnectionError as e:
         raise TeacherError(f"teacher {config.url}: cannot connect ({e.__cause__ or e}); "
-                           "start the server or fix --teacher_url") from None
+                           f"start the server or fix --{config.flags}_url") from None
     except openai.APIStatusError as e:
         raise TeacherError(f"teacher {config.url}: GET /models answered {e.status_code}; "
                            "is it an OpenAI-compatible API base (ending in /v1)?") from None
@@ -115,10 +116,10 @@ def resolve_model(config: TeacherConfig) -> str:
     if config.model is None:
         if len(served) != 1:
             raise TeacherError(f"teacher {config.url} serves {len(served)} models "
-                               f"({', '.join(served)}); choose one with --teacher_model")
+                               f"({', '.join(served)}); choose one with --{config.flags}_model")
         return served[0]
     if config.model not in served:
-        raise TeacherError(f"--teacher_model={config.model}: {config.url} serves "
+        raise TeacherError(f"--{config.flags}_model={config.model}: {config.url} serves "
                            f"{', '.join(served) or 'no model'}")
     return config.model
 

@@ -6,7 +6,8 @@ grammar; samples cut off at max_new_tokens are counted apart), quote fidelity (a
 must copy the user's words, redactions aside: `tags.is_copy`), and the scorer's verdict on
 the generated text read in each grammar mode, and on all of it. A quote that is not the
 user's words is the assistant's own: its text counts in the `ai` verdict, and is also
-judged alone (UNFAITHFUL). Per set (`summarize`): the
+judged alone (UNFAITHFUL). The same reading of text instead of tokens (`own_words`) is
+what every judge of `judges` is given. Per set (`summarize`): the
 rates over samples, the mask pressure measured elsewhere (`suite`) and distinct-1/2 over
 words; `headline` picks the few numbers the targets are about.
 """
@@ -59,46 +60,84 @@ def judge(sample: sampling.Sample, vocab, token_class: np.ndarray,
         if sample.ended:
             well_formed = modes.is_well_formed(modes.grammar_tables(), classes)
     texts = mode_texts(vocab, sample.tokens, classes, len(prompt))
-    quoted = quotes(vocab, sample.tokens, sample.prompt) if policy is not None else []
-    unfaithful = "\n".join(q for q, faithful in quoted if not faithful)
-    judged = dict(texts)
-    if unfaithful:
-        texts[UNFAITHFUL] = judged[UNFAITHFUL] = unfaithful
+    quoted = (quotes(vocab_lib.decode_tagged(vocab, sample.tokens), sample.prompt)
+              if policy is not None else [])
+    judged = with_own_words(texts, quoted)
+    if UNFAITHFUL in judged:
+        texts[UNFAITHFUL] = judged[UNFAITHFUL]
         texts.setdefault("ai", "")
-        judged["ai"] = (texts["ai"] + "\n" + unfaithful).strip()
     flagged = scorer.score(list(judged.values())) > 0
     return Verdict(violation, well_formed, texts,
                    {k: bool(f) for k, f in zip(judged, flagged)}, len(quoted),
                    sum(faithful for _, faithful in quoted))
 
 
-def quotes(vocab, tokens: Sequence[int], prompt: str) -> list[tuple[str, bool]]:
-    """(text, faithful) of each quote in generated `tokens`: faithful if it copies the
-    words of the prompt's human spans (the user's turn), redactions aside."""
+def quotes(answer: str, prompt: str) -> list[tuple[str, bool]]:
+    """(text, faithful) of each quote in the tagged `answer` (an unclosed one too):
+    faithful if it copies the words of the prompt's human spans (the user's turn),
+    redactions aside."""
     human = "\n".join(tags.unescape(h) for h in _HUMAN.findall(prompt))
     out = []
-    for body in _QUOTE.findall(vocab_lib.decode_tagged(vocab, tokens)):
+    for body in _QUOTE.findall(answer):
         pieces = [tags.unescape(p) for p in body.split("<redacted/>")]
         out.append((" ".join(p.strip() for p in pieces if p.strip()),
                     bool(human) and tags.is_copy(pieces, human)))
     return out
 
 
+def with_own_words(texts: dict[str, str], quoted: Sequence[tuple[str, bool]]
+                   ) -> dict[str, str]:
+    """`texts` (per mode) with the unfaithful quotes of `quoted` added under UNFAITHFUL and
+    to the `ai` text: a quote that is not the user's words is the assistant's own."""
+    unfaithful = "\n".join(q for q, faithful in quoted if not faithful)
+    if not unfaithful:
+        return dict(texts)
+    return {**texts, UNFAITHFUL: unfaithful,
+            "ai": (texts.get("ai", "") + "\n" + unfaithful).strip()}
+
+
+def own_words(prompt: str, answer: str, tagged: bool) -> str:
+    """The assistant's own words in the tagged `answer` to `prompt`, read from the text
+    as `judge` reads them from tokens: a tagged run's `ai`-mode text and its quotes that
+    are not the user's words; all the text of a run without tags."""
+    texts = answer_texts(prompt, answer)
+    if not tagged:
+        return texts[ALL]
+    return with_own_words(texts, quotes(answer, prompt)).get("ai", "")
+
+
 def mode_texts(vocab, tokens: Sequence[int], classes: np.ndarray, start: int) -> dict[str, str]:
     """The text of `tokens` (the classes of prompt + tokens are `classes`; the tokens begin
     at `start`) per grammar mode each token is read in, and all of it under ALL. Runs of
     text split by a tag are joined with a newline, so no sentence spans two modes."""
+    return _texts_by_mode(classes, start,
+                          lambda i, j: vocab.decode([int(t) for t in tokens[i:j]]))
+
+
+def answer_texts(prompt: str, answer: str) -> dict[str, str]:
+    """`mode_texts` of tagged text: `answer` (continuing the tagged `prompt`) per grammar
+    mode, each tag and run of text read as one token."""
+    pieces = [piece for _, piece, _ in tags.pieces(answer)]
+    classes = np.concatenate([tags.token_classes(prompt), tags.token_classes(answer)])
+    return _texts_by_mode(classes, len(classes) - len(pieces),
+                          lambda i, j: tags.unescape("".join(pieces[i:j])))
+
+
+def _texts_by_mode(classes: np.ndarray, start: int, decode) -> dict[str, str]:
+    """The grouping of `mode_texts`; `decode(i, j)` is the text of tokens i..j-1 after
+    `start`."""
+    classes = np.asarray(classes, np.int32)
     mode_ids = modes.run_numpy(modes.grammar_tables(), classes[None])[0][0, start:]
     is_text = classes[start:] == modes.TEXT
     runs: list[tuple[str, str]] = []  # (mode, text) in order
-    i, n = 0, len(tokens)
+    i, n = 0, len(is_text)
     while i < n:
         j = i + 1
         if is_text[i]:
             while j < n and is_text[j] and mode_ids[j] == mode_ids[i]:
                 j += 1
             mode = modes.MODES[mode_ids[i]] if mode_ids[i] >= 0 else INVALID
-            runs.append((mode, vocab.decode([int(t) for t in tokens[i:j]])))
+            runs.append((mode, decode(i, j)))
         i = j
     texts = {mode: "\n".join(t for m, t in runs if m == mode) for mode, _ in runs}
     texts[ALL] = "\n".join(t for _, t in runs)
