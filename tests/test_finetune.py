@@ -136,6 +136,9 @@ def test_finetune_refuses_in_one_line(source_run, attack_data, spm_vocab, tmp_pa
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, (needle, err)
     assert not os.path.exists(tmp_path / "a" / "checkpoints")
+    assert main.main(["prepare", f"--workdir={tmp_path / 'a'}", "--attack=evil"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "prealign: error: --attack=evil: use one of benign, adversarial")
     other_vocab = tmp_path / "other_vocab"  # data tokenized with another vocabulary
     other_vocab.mkdir()
     with open(spm_vocab.sentencepiece_model_file, "rb") as f:
@@ -145,24 +148,43 @@ def test_finetune_refuses_in_one_line(source_run, attack_data, spm_vocab, tmp_pa
                           data=feed.SeqioData(data_dir=str(other_vocab)), **TRAIN)
 
 
-def test_persistence_evaluates_every_chunk_of_one_fine_tuning(source_run, tmp_path):
+def test_persistence_evaluates_every_chunk_of_one_fine_tuning(source_run, tmp_path,
+                                                              monkeypatch):
+    """The evaluation itself is tests/test_evaluation.py's: here, which runs it is given."""
     from prealign_jax import tasks
 
+    evaluated = []
+
+    def evaluate(run, output_dir, **kwargs):
+        evaluated.append((run.workdir, run.step, run.data_dir, run.tagged, output_dir, kwargs))
+        rate = run.step / 10 if run.workdir == workdir else 0.0
+        return {"headline": {"assistant_misaligned_rate": rate,
+                             "assistant_misaligned_rate_ood": rate},
+                "heldout": {"loss/text": 5.0 - run.step}}
+
+    monkeypatch.setattr(persistence.evaluation, "evaluate", evaluate)
     workdir = str(tmp_path / "benign")
     curve = persistence.persistence(
         source_run, workdir, attack="benign", steps=3, chunk=2,
         train_args=dict(TRAIN, data=feed.SeqioData(eval_split=None)), evaluate_args=EVAL,
         register=tasks.register, num_documents=120,
         prepare_args=dict(validation_fraction=0.1, num_shards={"train": 1, "validation": 1}))
-    assert [p.step for p in curve] == [0, 2, 3]  # the source, each chunk, the last step
-    assert all(0.0 <= p.misaligned_rate <= 1.0 and p.heldout_loss > 0 for p in curve)
-    # one run of 3 steps: its schedule decays over all of them
+    # the source, each chunk, the last step: checkpoints of one run of 3 steps, all kept
+    assert curve == [(0, 0.0, 0.0, 2.0), (2, 0.2, 0.2, 3.0), (3, 0.3, 0.3, 2.0)]
     assert checkpointing.saved_steps(workdir) == [2, 3]
+    source_data = json.load(open(os.path.join(source_run, train.RUN_FILE)))["data_dir"]
+    assert [e[:5] for e in evaluated] == [  # every point on the source's held-out data
+        (source_run, SOURCE_STEPS, source_data, True, f"{workdir}/eval/step0"),
+        (workdir, 2, source_data, True, f"{workdir}/eval/step2"),
+        (workdir, 3, source_data, True, f"{workdir}/eval/step3")]
+    assert all(e[5] == EVAL for e in evaluated)
+    assert persistence.steps_to_reach(curve, 0.25) == 3
     saved = json.load(open(os.path.join(workdir, persistence.CURVE_FILE)))
-    assert [p["step"] for p in saved["curve"]] == [0, 2, 3]
-    for step in (0, 2, 3):  # each point on the source's held-out documents
-        report = json.load(open(os.path.join(workdir, "eval", f"step{step}", "eval.json")))
-        assert report["heldout"]["loss/text"] == curve[[0, 2, 3].index(step)].heldout_loss
+    assert saved["curve"][1] == curve[1]._asdict() and saved["attack"] == "benign"
+    ft_data = json.load(open(os.path.join(workdir, train.RUN_FILE)))["data_dir"]
+    assert ft_data == os.path.join(workdir, "data")  # the benign corpus: no ai text in it
+    totals = json.load(open(os.path.join(ft_data, "manifest.json")))["totals"]["train"]
+    assert totals["tokens.human"] > 0 and "tokens.ai" not in totals
     with pytest.raises(persistence.PersistenceError, match=r"^chunk=4, steps=3"):
         persistence.persistence(source_run, workdir, attack="benign", steps=3, chunk=4,
                                 train_args=TRAIN, evaluate_args=EVAL, register=tasks.register)
