@@ -81,6 +81,9 @@ def source(from_run: str, workdir: str) -> Source:
         if record["from_run"] != run:
             raise FinetuneError(f"--workdir={workdir} is fine-tuned from {record['from_run']}, "
                                 f"not --from_run={from_run}; use a new --workdir")
+        if record["step"] not in steps and not checkpointing.saved_steps(workdir):
+            raise FinetuneError(f"--workdir={workdir} starts from {run}/checkpoints/"
+                                f"{record['step']}, which is gone; use a new --workdir")
         return Source(run, record["step"], model, data_dir)
     if checkpointing.saved_steps(workdir) or gfile.exists(os.path.join(workdir, train.RUN_FILE)):
         raise FinetuneError(f"--workdir={workdir} already holds a run that is not fine-tuned "
