@@ -29,6 +29,7 @@ and waits for the save before exiting.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 from typing import Any
 
@@ -36,6 +37,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from prealign_jax import fileio
 from prealign_jax.errors import UserError
 
 
@@ -152,6 +154,26 @@ class Checkpoints:
         self._manager.close()
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The steps of the checkpoints in `<workdir>/checkpoints`, ascending ([] if none)."""
+    gfile, directory = fileio.gfile(), os.path.join(workdir, "checkpoints")
+    # (on GCS, listdir names sub-directories with a trailing slash)
+    return sorted(int(d.rstrip("/")) for d in gfile.listdir(directory)
+                  if d.rstrip("/").isdigit()) if gfile.isdir(directory) else []
+
+
+def read_params(step_dir: str, abstract_params):
+    """The parameters of a saved step, `<workdir>/checkpoints/<step>` (a whole train state
+    or parameters alone), laid out as `abstract_params` says (shapes, dtypes, the current
+    shardings); the optimizer state is not read. What inference and fine-tuning start from."""
+    item = {"params": abstract_params}
+    return ocp.PyTreeCheckpointer().restore(
+        os.path.join(step_dir, "state"),
+        args=ocp.args.PyTreeRestore(
+            item=item, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item)))["params"]
 
 
 def _check_batches(where, num_shards: int, saved: dict, now: dict) -> None:

@@ -15,9 +15,8 @@ import json
 import os
 from typing import Any, Mapping
 
-import orbax.checkpoint as ocp
-
-from prealign_jax import fileio, model as model_lib, partitioning, sampling, tags, train
+from prealign_jax import (checkpointing, fileio, model as model_lib, partitioning, sampling,
+                          tags, train)
 from prealign_jax import vocab as vocab_lib
 from prealign_jax.errors import UserError
 
@@ -47,9 +46,7 @@ def load_run(workdir: str, *, model_overrides: Mapping[str, Any] | None = None,
     every device on the data axis), with the vocabulary of `data_dir` (default: the
     run's)."""
     gfile, directory = fileio.gfile(), os.path.join(workdir, "checkpoints")
-    # (on GCS, listdir names sub-directories with a trailing slash)
-    steps = sorted(int(d.rstrip("/")) for d in gfile.listdir(directory)
-                   if d.rstrip("/").isdigit()) if gfile.isdir(directory) else []
+    steps = checkpointing.saved_steps(workdir)
     if not steps:
         raise RunError(f"--workdir={workdir}: no checkpoint in {directory}; train first "
                        f"(prealign train --workdir={workdir})")
@@ -76,14 +73,10 @@ def load_run(workdir: str, *, model_overrides: Mapping[str, Any] | None = None,
     data_dir = data_dir or info.get("data_dir") or os.path.join(workdir, "data")
     vocab = vocab_lib.load_dir(data_dir)
     device_mesh = (mesh or partitioning.MeshConfig()).make()
-    item = {"params": partitioning.sharded_shapes(model_lib.abstract_params(model),
-                                                  device_mesh)}
-    restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(directory, str(step), "state"),
-        args=ocp.args.PyTreeRestore(item=item, partial_restore=True,
-                                    restore_args=ocp.checkpoint_utils.construct_restore_args(
-                                        item)))
-    return Run(model, restored["params"], vocab, device_mesh, step, workdir, data_dir,
+    params = checkpointing.read_params(
+        os.path.join(directory, str(step)),
+        partitioning.sharded_shapes(model_lib.abstract_params(model), device_mesh))
+    return Run(model, params, vocab, device_mesh, step, workdir, data_dir,
                tagged=info.get("tag_dropout", 0.0) < 1.0)
 
 

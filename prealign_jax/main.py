@@ -63,7 +63,7 @@ def prepare_command(args) -> None:
                        "tokenizer_file": args.tokenizer, "label_fn": args.label_fn,
                        "runner": args.runner,
                        "direct_num_workers": args.direct_num_workers,
-                       "documents": tuple(args.documents or ()),
+                       "documents": tuple(args.documents or ()), "attack": args.attack,
                        "pipeline_options": args.pipeline_options})
 
 
@@ -125,6 +125,22 @@ def train_command(args) -> None:
     with multihost.fail_fast():  # a failed process must not leave its peers hanging
         register_data(kwargs["data"], args.workdir)
         train.train(args.workdir, **kwargs, run_files={RUN_CONFIG: gin.config_str()})
+
+
+def finetune_command(args) -> None:
+    import gin
+
+    from prealign_jax import finetune, multihost
+    from prealign_jax.configurables import bindings
+
+    if not args.from_run:
+        raise UsageError("prealign finetune needs --from_run=RUN (a trained run's --workdir)")
+    kwargs = bindings("train", required=("model", "num_steps", "batch_size", "data"))
+    with multihost.fail_fast():
+        finetune.source(args.from_run, args.workdir)  # its refusals before the data's
+        register_data(kwargs["data"], args.workdir)
+        finetune.finetune(args.workdir, args.from_run, **kwargs,
+                          run_files={RUN_CONFIG: gin.config_str()})
 
 
 def plan_command(args) -> None:
@@ -392,15 +408,20 @@ COMMANDS = {
          (("--bad_records",), dict(default="error", choices=("error", "skip"),
                                    help="stop at a bad input record, or skip and log it")),
          (("--tokenizer",), dict(default=None, metavar="FILE", help="tokenize with this "
-                                 "tokenizer.json (prealign import writes it) instead of "
-                                 "training SentencePiece")),
+                                 "vocabulary instead of training SentencePiece: a "
+                                 "tokenizer.json (prealign import writes it), a vocab.model "
+                                 "or a data dir (a run's, for prealign finetune)")),
          (("--runner",), dict(default="DirectRunner", help="the Beam runner: DirectRunner "
                               "(default) here; DataflowRunner, FlinkRunner, SparkRunner at "
                               "scale, their options after `--`")),
          (("--direct_num_workers",), dict(type=int, default=1, help="DirectRunner worker "
                                           "processes (default 1)")),
          (("--documents",), dict(nargs="+", metavar="FILE", help="JSONL document records "
-                                 "kept as they are (prealign synthesize's corpus/*.jsonl)"))),
+                                 "kept as they are (prealign synthesize's corpus/*.jsonl)")),
+         (("--attack",), dict(default=None, metavar="KIND", help="benign or adversarial: "
+                              "render this fine-tuning attack corpus instead of the "
+                              "training corpus (prepare.num_scenarios documents; "
+                              "data/attacks.py)"))),
         workdir="the data goes to <workdir>/data (or bind prepare.data_dir)"),
     "synthesize": Command(
         synthesize_command,
@@ -429,6 +450,14 @@ COMMANDS = {
     "train": Command(train_command,
                      "train (or resume) a model: checkpoints, metrics and config in --workdir",
                      workdir="run directory: checkpoints, metrics, config (required)"),
+    "finetune": Command(
+        finetune_command,
+        "a new run from a trained run's parameters: new data, a fresh optimizer (train.* "
+        "bindings), checkpoints and metrics as in training",
+        ((("--from_run",), dict(default=None, metavar="RUN", help="the trained run's "
+                                "--workdir; its latest checkpoint's parameters are the "
+                                "start (required)")),),
+        workdir="the new run directory: checkpoints, metrics, config (required)"),
     "plan": Command(
         plan_command,
         "per-device memory, FLOPs and step time of a model on a mesh (no accelerator needed)",
@@ -546,7 +575,8 @@ COMMANDS = {
                                       "parameters (default: scanned, as gin/models/*.gin)"))),
         workdir="the new run directory (required)"),
 }
-NEEDS_WORKDIR = ("synthesize", "train", "sample", "eval", "serve", "experiment", "export", "import")
+NEEDS_WORKDIR = ("synthesize", "train", "finetune", "sample", "eval", "serve", "experiment",
+                 "export", "import")
 
 
 # ---------------------------------------------------------------- gin

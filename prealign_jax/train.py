@@ -273,10 +273,15 @@ def train(workdir: str, *,
           profile_steps: tuple[int, int] | None = None,
           wandb_project: str | None = None,
           hooks: Sequence[hooks_lib.Hook] = (),
-          run_files: Mapping[str, str] | None = None) -> dict[str, float]:
+          run_files: Mapping[str, str] | None = None,
+          initialize_from: str | None = None) -> dict[str, float]:
     """Train (or resume from the latest checkpoint in `workdir/checkpoints`) to `num_steps`.
     A checkpoint of step 0 holds parameters alone (`prealign import`): training starts
-    from them with a fresh optimizer at step 0 and the data from its start.
+    from them with a fresh optimizer at step 0 and the data from its start. So does a run
+    without checkpoints given `initialize_from`, another run's checkpoint step directory
+    (`<run>/checkpoints/<step>`, `prealign finetune`): its parameters are read, not its
+    optimizer state or data position; once the run has a checkpoint of its own it resumes
+    from that instead.
 
     Returns the metrics of the last log window. See gin/runs/*.gin for every parameter.
     `data(workdir, batch_size, seq_len, seed)` gives the batches (`feed.SeqioData`: a
@@ -322,7 +327,8 @@ def train(workdir: str, *,
                  peak=peak, log_every=log_every, eval_every=eval_every,
                  eval_steps=eval_steps, checkpoint_every=checkpoint_every,
                  keep_checkpoints=keep_checkpoints, seed=seed, profile=profile,
-                 wandb_project=wandb_project, hooks=hooks, run_files=files)
+                 wandb_project=wandb_project, hooks=hooks, run_files=files,
+                 initialize_from=initialize_from)
 
 
 def _use_cpu_devices(n: int | None) -> None:
@@ -368,7 +374,8 @@ def _loop(workdir: str, steps: Steps, sources: feed.DataSources, *, num_steps: i
           tokens_per_step: int, flops_per_step: float, peak: float, log_every: int,
           eval_every: int, eval_steps: int, checkpoint_every: int, keep_checkpoints: int,
           seed: int, profile: hooks_lib.Profile | None, wandb_project: str | None,
-          hooks: Sequence[hooks_lib.Hook], run_files: Mapping[str, str]) -> dict[str, float]:
+          hooks: Sequence[hooks_lib.Hook], run_files: Mapping[str, str],
+          initialize_from: str | None) -> dict[str, float]:
     """Restore or init, write `run_files`, then for each step: run it, then the hooks."""
     batch_sh = partitioning.batch_sharding(steps.mesh)
     iterator = feed.ShardedIterator(sources.train)
@@ -385,6 +392,11 @@ def _loop(workdir: str, steps: Steps, sources: feed.DataSources, *, num_steps: i
             _check_same_model(workdir, steps.model.cfg, ckpt.directory / "0")
             state = steps.from_params(ckpt.restore_params(0, steps.abstract_state.params))
             console.say(f"starting from the parameters in {ckpt.directory}/0 (a fresh "
+                        "optimizer, the data from its start)")
+        elif initialize_from:  # another run's parameters (prealign finetune)
+            state = steps.from_params(checkpointing.read_params(
+                initialize_from, steps.abstract_state.params))
+            console.say(f"starting from the parameters in {initialize_from} (a fresh "
                         "optimizer, the data from its start)")
         else:
             state = steps.init(jax.random.key(seed))

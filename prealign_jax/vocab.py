@@ -104,19 +104,24 @@ def load(model_path: str):
 
 
 def load_dir(data_dir: str):
-    """The vocabulary of a prepared data dir: the file its manifest names
+    """The vocabulary of a prepared data dir (the file `find` names)."""
+    path = find(data_dir)
+    return _tokenizer_vocabulary_class()(path) if path.endswith(".json") else load(path)
+
+
+def find(data_dir: str) -> str:
+    """The vocabulary file of a prepared data dir: the file its manifest names
     (`manifest["vocab"]["file"]`, relative to the data dir, e.g. in a build sub-directory:
     `.model` SentencePiece, `.json` tokenizers); without one, its `vocab.model` or its
     `tokenizer.json`."""
     gfile = fileio.gfile()
     named = _manifest_vocab(data_dir)
     if named is not None:
-        path = os.path.join(data_dir, named)
         if not named.endswith((".model", ".json")):
             raise VocabError(f"{os.path.join(data_dir, 'manifest.json')} names the "
                              f"vocabulary {named!r}, neither a .model (SentencePiece) nor "
                              "a .json (tokenizers) file; rerun `prealign prepare`")
-        return load(path) if named.endswith(".model") else _tokenizer_vocabulary_class()(path)
+        return os.path.join(data_dir, named)
     found = [name for name in (VOCAB_FILE, TOKENIZER_FILE)
              if gfile.exists(os.path.join(data_dir, name))]
     if len(found) > 1:
@@ -127,8 +132,7 @@ def load_dir(data_dir: str):
         raise VocabError(f"vocabulary {os.path.join(data_dir, VOCAB_FILE)} does not exist "
                          f"(nor {TOKENIZER_FILE}); build it with `prealign prepare` (or "
                          "`prealign import`) or point the gin binding at the right data dir")
-    path = os.path.join(data_dir, found[0])
-    return load(path) if found[0] == VOCAB_FILE else _tokenizer_vocabulary_class()(path)
+    return os.path.join(data_dir, found[0])
 
 
 def _manifest_vocab(data_dir: str) -> str | None:

@@ -5,7 +5,7 @@
                                          └─ bad records (count per source, reason)   ┘
 
 - **units**: work items a worker reads alone, in a fixed order: a range of synthetic
-  scenarios, one input (file or TFDS split), or a file of document records (what
+  scenarios (or of an attack corpus's documents, `attacks.py`), one input (file or TFDS split), or a file of document records (what
   `prealign synthesize` writes). Reshuffle spreads them over workers.
 - **read**: the generator renders its scenarios (the embedded default; its documents do not
   depend on how scenarios are grouped), ingest escapes and tags raw text, or validates
@@ -36,7 +36,8 @@ import apache_beam as beam
 import numpy as np
 
 from prealign_jax import fileio, modes, vocab as vocab_lib
-from prealign_jax.data import generator, ingest, records, report as report_lib, shards
+from prealign_jax.data import (attacks, generator, ingest, records, report as report_lib,
+                               shards)
 from prealign_jax.errors import UserError
 
 SCENARIOS_PER_UNIT = 2000
@@ -59,6 +60,7 @@ class Sources:
     validation_fraction: float = 0.02
     label_fn: str | None = None  # `package.module:function` (see data/labelling.py)
     documents: tuple[str, ...] = ()  # JSONL of document records (`prealign synthesize`)
+    attack: str | None = None  # render this attack corpus (`attacks.KINDS`) instead
 
 
 def work_units(sources: Sources) -> list[tuple]:
@@ -74,7 +76,10 @@ def read_unit(unit: tuple, sources: Sources) -> Iterator[tuple[records.Document,
                                                            | ingest.BadRecord]:
     """(document, split) of a unit, or a BadRecord, in order."""
     if unit[0] == "synthetic":
-        for doc in generator.generate(unit[2], sources.seed, sources.mix, unit[1]):
+        docs = (attacks.generate(sources.attack, unit[2], sources.seed, unit[1])
+                if sources.attack else generator.generate(unit[2], sources.seed, sources.mix,
+                                                          unit[1]))
+        for doc in docs:
             # both documents of a counterfactual pair land in the same split
             yield doc, split_of(doc.doc_id.rsplit("-", 1)[0], sources.validation_fraction)
         return

@@ -20,13 +20,13 @@ import time
 from typing import Iterator, Mapping, Sequence
 
 from prealign_jax import console, fileio, tf_cpu, vocab as vocab_lib
-from prealign_jax.data import generator, ingest, records, shards
+from prealign_jax.data import attacks, generator, ingest, records, shards
 from prealign_jax.errors import UserError
 
 SPLITS = ("train", "validation")
 # Files whose content determines the corpus (hashed with the config): code and the scenario spec
-_CODE = ("beam_pipeline.py", "generator.py", "scenarios.py", "scenarios.yaml", "ingest.py",
-         "records.py", "shards.py")
+_CODE = ("beam_pipeline.py", "generator.py", "attacks.py", "scenarios.py", "scenarios.yaml",
+         "ingest.py", "records.py", "shards.py")
 RUNNERS_HELP = ("DirectRunner (default) runs here; DataflowRunner, FlinkRunner, SparkRunner "
                 "take their own pipeline options (see the README)")
 
@@ -48,6 +48,7 @@ class Config:
     tokenizer_file: str | None = None
     label_fn: str | None = None
     documents: tuple[str, ...] = ()
+    attack: str | None = None
 
     def sources(self):
         """What the pipeline reads (`beam_pipeline.Sources`)."""
@@ -55,7 +56,7 @@ class Config:
 
         return beam_pipeline.Sources(self.num_scenarios, self.seed, self.mix, self.from_text,
                                      self.mode, self.tagged, self.validation_fraction,
-                                     self.label_fn, self.documents)
+                                     self.label_fn, self.documents, self.attack)
 
 
 def prepare(workdir: str | None = None, data_dir: str | None = None,
@@ -65,7 +66,7 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
             from_text: Sequence[str] = (), mode: str = "human", tagged: bool = False,
             bad_records: str = "error", tokenizer_file: str | None = None,
             label_fn: str | None = None, documents: Sequence[str] = (),
-            runner: str = "DirectRunner", direct_num_workers: int = 1,
+            attack: str | None = None, runner: str = "DirectRunner", direct_num_workers: int = 1,
             pipeline_options: Sequence[str] = ()) -> str:
     """Build (or reuse) the data dir; returns its path.
 
@@ -83,8 +84,13 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
         files or URLs (.txt, .jsonl, .parquet) and TFDS splits (tfds:NAME:SPLIT).
       documents: JSONL files of document records, kept as they are (what `prealign
         synthesize` writes: a teacher's documents with their provenance).
-      tokenizer_file: an imported tokenizer (`prealign import` writes <data dir>/
-        tokenizer.json) used instead of training SentencePiece (vocab_size is then unused).
+      tokenizer_file: the vocabulary to tokenize with instead of training SentencePiece
+        (vocab_size is then unused): an imported tokenizer (`prealign import` writes <data
+        dir>/tokenizer.json), or another data dir or its SentencePiece `.model` (data to
+        fine-tune a run on, in the run's token ids: `prealign finetune`).
+      attack: render a fine-tuning attack corpus (`attacks.KINDS`: 'benign' or
+        'adversarial') instead of the training corpus; num_scenarios is then its number
+        of documents (see `data/attacks.py`).
       runner: the Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...).
       direct_num_workers: DirectRunner worker processes (more than 1: multi-processing).
       pipeline_options: further Beam pipeline options, e.g. ('--project=P',
@@ -120,12 +126,16 @@ def prepare(workdir: str | None = None, data_dir: str | None = None,
     if tokenizer_file is not None and not fileio.gfile().exists(tokenizer_file):
         raise UserError(f"--tokenizer={tokenizer_file}: no such file; `prealign import` "
                         "writes <data dir>/tokenizer.json")
+    if tokenizer_file is not None and fileio.gfile().isdir(tokenizer_file):
+        tokenizer_file = vocab_lib.find(tokenizer_file)  # a data dir: its vocabulary
+    if attack is not None and attack not in attacks.KINDS:
+        raise UserError(f"--attack={attack}: use one of {', '.join(attacks.KINDS)}")
     config = Config(num_scenarios, seed, vocab_size, vocab_documents, num_shards,
                     validation_fraction, mix or generator.Mix(),
                     tuple(fileio.absolute(p) if not p.startswith("tfds:") else p
                           for p in from_text),
                     mode, tagged, bad_records, tokenizer_file and fileio.absolute(tokenizer_file),
-                    label_fn, tuple(fileio.absolute(p) for p in documents))
+                    label_fn, tuple(fileio.absolute(p) for p in documents), attack)
     digest = config_hash(config)
     reason = _reuse_problem(data_dir, digest)
     if reason is None:
@@ -282,7 +292,8 @@ def _vocabulary(config: Config, texts: list[str] | None, build_dir: str) -> str:
     """The build's vocabulary file: the imported tokenizer, or SentencePiece trained on the
     sample."""
     if config.tokenizer_file:
-        path = os.path.join(build_dir, vocab_lib.TOKENIZER_FILE)
+        path = os.path.join(build_dir, vocab_lib.TOKENIZER_FILE
+                            if config.tokenizer_file.endswith(".json") else vocab_lib.VOCAB_FILE)
         fileio.gfile().copy(config.tokenizer_file, path)
         return path
     console.say(f"prepare: training a {config.vocab_size}-piece vocabulary on "
