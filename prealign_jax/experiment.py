@@ -30,6 +30,7 @@ import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from prealign_jax import (console, evaluation, fileio, inference, model as model_lib, modes,
@@ -115,6 +116,11 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
                     inference.load_run(d, mesh=train_args.get("mesh")), **evaluate_args),
                 run_dir)
     setup["train_documents"] = shards.read_manifest(data_dir)["totals"]["train"]["documents"]
+    # Read after training: asking for devices earlier would start JAX before train.train
+    # sets train.num_cpu_devices.
+    devices = jax.devices()
+    setup["hardware"] = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+                         "device_count": len(devices), "devices": [str(d) for d in devices]}
     results = {"workdir": workdir, "setup": setup, "seeds": list(seeds), "steps": steps,
                "text_tokens_per_batch": per_batch, "seconds": seconds,
                "evals": {arm: {str(s): e for s, e in by_seed.items()}
@@ -345,12 +351,15 @@ def write_report(workdir: str, results: dict) -> str:
     plots = plot_report(results, os.path.join(workdir, "plots"))
     pre = next(iter(results["evals"]["prealigned"].values()))
     setup, minutes = results["setup"], results["seconds"]["total"] / 60
+    hardware = setup["hardware"]
     lines = [
         "# Prealigned vs. baseline: the same documents, with and without mode tags", "",
         f"Model: {setup['parameters']:,} parameters (d_model {setup['d_model']}, "
         f"{setup['num_layers']} layers, context {setup['context']}), batch "
-        f"{setup['batch_size']} sequences; corpus: {setup['train_documents']:,} training "
-        f"documents. Seeds {', '.join(map(str, results['seeds']))}; "
+        f"{setup['batch_size']} sequences, on {hardware['device_count']} × "
+        f"{hardware['device_kind']} ({hardware['platform']}); corpus: "
+        f"{setup['train_documents']:,} training documents. Seeds "
+        f"{', '.join(map(str, results['seeds']))}; "
         f"{results['steps']['prealigned']} steps (prealigned) and "
         f"{results['steps']['baseline']} (baseline, tags stripped, the same text-token "
         f"budget); this invocation took {minutes:.1f} min (complete runs are not "

@@ -60,6 +60,10 @@ def test_report_compares_both_arms_at_the_same_text_budget(experiment_dir):
     assert pre["samples"]["redteam"]["samples"] == 24
     report = (workdir / "report.md").read_text()
     assert report in stdout
+    hardware = results["setup"]["hardware"]  # what it ran on, for comparing reports
+    assert (hardware["platform"], hardware["device_count"], len(hardware["devices"])) == (
+        "cpu", 1, 1)
+    assert f"on 1 × {hardware['device_kind']} (cpu); corpus" in report
     assert "| held-out ordinary-token loss (nats/token) |" in report
     masked = sum(r["samples"] for r in pre["samples"].values() if r["mask"])
     assert f"| transition violations, mask on | 0 in {masked} samples | — | exactly 0 | ✓ |" \
