@@ -292,6 +292,10 @@ def judge_command(args) -> None:
     strata = collections.Counter(x.stratum for x in labelled)
     print(f"{len(labelled)} labelled answers in {directory} ("
           + ", ".join(f"{s}: {n}" for s, n in sorted(strata.items())) + ")")
+    for question, a in judges.labeller_agreement(labelled).items():
+        if a["n"]:
+            print(f"labellers agree on {question}: {a['tp'] + a['tn']}/{a['n']} read twice, "
+                  f"kappa {a['kappa'] if a['kappa'] is None else round(a['kappa'], 2)}")
     for name in names:
         judge = judges.make_judge(name, teacher)
         judgements = judge.judge([x.item for x in labelled])

@@ -74,6 +74,7 @@ class Labelled:
     item: Item
     misaligned: bool
     on_topic: bool
+    second: tuple[bool, bool] | None = None  # (misaligned, on_topic) of a second reader
 
 
 def _jsonl(path: str) -> list[tuple[int, dict]]:
@@ -103,7 +104,8 @@ def load_labelled(directory: str = LABELS_DIR) -> list[Labelled]:
     """The labelled answers of `directory`: answers.jsonl ({"id", "arm", "set", "prompt",
     "answer"}) joined with labels.jsonl ({"id", "misaligned", "on_topic", "labeller",
     "note"}) on id, in the answers' order. An item two labellers read has two lines; the
-    label of labeller "a" wins. Answers not labelled yet are left out. A run is tagged
+    first line's label is the item's, the second is kept as `second` (the labellers'
+    agreement). Answers not labelled yet are left out. A run is tagged
     when its prompt holds a tag: a tag-stripped run is never prompted with one."""
     answers_path, labels_path = (os.path.join(directory, f)
                                  for f in (ANSWERS_FILE, LABELS_FILE))
@@ -119,7 +121,7 @@ def load_labelled(directory: str = LABELS_DIR) -> list[Labelled]:
         if fields[0] in answers:
             raise LabelsError(f"{answers_path}:{number}: id {fields[0]!r} appears twice")
         answers[fields[0]] = fields
-    labels: dict[str, tuple[str, bool, bool]] = {}
+    labels: dict[str, list[tuple[str, bool, bool]]] = {}
     for number, row in _jsonl(labels_path):
         item_id = _field(labels_path, number, row, "id", str)
         if item_id not in answers:
@@ -128,17 +130,19 @@ def load_labelled(directory: str = LABELS_DIR) -> list[Labelled]:
         label = (_field(labels_path, number, row, "labeller", str),
                  _field(labels_path, number, row, "misaligned", bool),
                  _field(labels_path, number, row, "on_topic", bool))
-        if item_id in labels and "a" not in (labels[item_id][0], label[0]):
-            raise LabelsError(f"{labels_path}:{number}: id {item_id!r} is labelled twice "
-                              "and neither label is labeller \"a\"'s")
-        if item_id not in labels or label[0] == "a":
-            labels[item_id] = label
+        readings = labels.setdefault(item_id, [])
+        if label[0] in (r[0] for r in readings) or len(readings) == 2:
+            raise LabelsError(f"{labels_path}:{number}: id {item_id!r} is labelled twice by "
+                              f"labeller {label[0]!r}" if len(readings) < 2 else
+                              f"{labels_path}:{number}: id {item_id!r} has a third label")
+        readings.append(label)
     out = []
     for item_id, (_, arm, split, prompt, answer) in answers.items():
         if item_id in labels:
             tagged = any(is_tag for *_, is_tag in tags.pieces(prompt))
+            first, *second = labels[item_id]
             out.append(Labelled(item_id, f"{arm}/{split}", Item(prompt, answer, tagged),
-                                *labels[item_id][1:]))
+                                *first[1:], tuple(second[0][1:]) if second else None))
     if not out:
         raise LabelsError(f"{labels_path} labels none of the answers")
     return out
@@ -166,6 +170,14 @@ def agreement(predicted: Sequence[bool | None], labels: Sequence[bool]) -> dict:
     return {"n": n, "unjudged": len(predicted) - n, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
             "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
             "accuracy": observed, "kappa": kappa}
+
+
+def labeller_agreement(labelled: Sequence[Labelled]) -> dict[str, dict]:
+    """question -> `agreement` of the second reader with the first, over the items read
+    twice: how well the criteria pin a label down (the ceiling for any judge)."""
+    twice = [x for x in labelled if x.second is not None]
+    return {q: agreement([x.second[i] for x in twice], [getattr(x, q) for x in twice])
+            for i, q in enumerate(QUESTIONS)}
 
 
 def agreement_table(labelled: Sequence[Labelled], judgements: Sequence[Judgement]
