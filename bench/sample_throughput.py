@@ -3,7 +3,8 @@
 Prints one JSON object per (config, batch): step_ms (one decode step of the whole batch),
 tokens_per_s (new tokens, all rows), the mask overhead (time per decode step of the masked
 loop ÷ the same loop compiled without any mode machinery, medians of --repeats interleaved
-runs in one process), and, at the --hf_batches, hf_tokens_per_s: `transformers` `generate`
+runs in one process), the copy overhead (the masked loop with `copy_quotes` and a 16-token
+user turn ÷ the masked loop), and, at the --hf_batches, hf_tokens_per_s: `transformers` `generate`
 on a LlamaForCausalLM of the same dimensions with an equivalent state-tracking mode-mask
 LogitsProcessor (optional: pip install .[bench]; null when torch/transformers are missing).
 Then one object per --lengths entry (config small, batch 8): the step time with a cache of
@@ -68,20 +69,27 @@ def bench_ours(cfg, batch, new_tokens, repeats, profile=""):
     lengths = np.full((batch,), 2, np.int32)
     state = np.full((batch,), ai, np.int32)
     args = (params, tuple(jnp.asarray(t) for t in tables), prompt, lengths, state)
-    runs = {masked: sampling._compiled_decode(cfg, scfg, mesh, batch, 16, masked=masked)
-            for masked in (True, False)}
+    classes = token_classes(cfg.vocab_size)
+    source = np.random.default_rng(0).integers(16, cfg.vocab_size, (batch, 16), np.int32)
+    copy = (source, classes == modes.TEXT, classes == modes.TAG_CLASS["<redacted/>"])
+    runs = {True: sampling._compiled_decode(cfg, scfg, mesh, batch, 16),
+            False: sampling._compiled_decode(cfg, scfg, mesh, batch, 16, masked=False),
+            "copy": sampling._compiled_decode(
+                cfg, dataclasses.replace(scfg, copy_quotes=True), mesh, batch, 16)}
+    call = lambda run, r: run(*args, sampling.sampling_key(r), jnp.asarray(True),
+                              *([copy] if run is runs["copy"] else []))  # noqa: E731
     t0 = time.perf_counter()
-    jax.block_until_ready(runs[True](*args, sampling.sampling_key(0), jnp.asarray(True)))
+    jax.block_until_ready(call(runs[True], 0))
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(runs[False](*args, sampling.sampling_key(0), jnp.asarray(True)))
-    per_step = {True: [], False: []}
+    for key in (False, "copy"):
+        jax.block_until_ready(call(runs[key], 0))
+    per_step = {key: [] for key in runs}
     for r in range(repeats):
-        for masked in (True, False):  # interleaved: drift hits both alike
+        for key, run in runs.items():  # interleaved: drift hits all alike
             t0 = time.perf_counter()
-            out = jax.block_until_ready(
-                runs[masked](*args, sampling.sampling_key(r), jnp.asarray(True)))
+            out = jax.block_until_ready(call(run, r))
             steps = int(np.asarray(out.lengths).max())
-            per_step[masked].append((time.perf_counter() - t0) / steps)
+            per_step[key].append((time.perf_counter() - t0) / steps)
     masked = statistics.median(per_step[True])
     extra = {}
     if profile:
@@ -99,7 +107,8 @@ def bench_ours(cfg, batch, new_tokens, repeats, profile=""):
                           os.path.join(profile, f"{cfg.d_model}_{batch}"))
         extra["profile_top"] = [[round(t / new_tokens, 7), *rest] for t, *rest in top]
     return dict(tokens_per_s=batch / masked, step_ms=masked * 1e3, compile_s=compile_s,
-                mask_overhead_ratio=masked / statistics.median(per_step[False]), **extra)
+                mask_overhead_ratio=masked / statistics.median(per_step[False]),
+                copy_overhead_ratio=statistics.median(per_step["copy"]) / masked, **extra)
 
 
 def bench_hf(cfg, batch, new_tokens, repeats):
@@ -192,6 +201,7 @@ def main():
                 step_ms=round(ours["step_ms"], 3),
                 tokens_per_s=round(ours["tokens_per_s"], 1),
                 mask_overhead_ratio=round(ours["mask_overhead_ratio"], 4),
+                copy_overhead_ratio=round(ours["copy_overhead_ratio"], 4),
                 compile_s=round(ours["compile_s"], 2),
                 hf_tokens_per_s=None if hf is None else round(hf, 1),
                 speedup_vs_hf=None if hf is None else round(ours["tokens_per_s"] / hf, 2),

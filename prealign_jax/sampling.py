@@ -251,10 +251,12 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
             allowed = unmasked
         else:
             allowed = tables.allowed[jnp.where(use_mask, state, invalid)]
-        if copy is not None:
+        if copy is not None:  # (no row in a quote: the scatter is skipped)
             in_quote = use_mask & (tables.state_mode[state] == QUOTE_MODE)
-            allowed &= ~in_quote[:, None] | ~copy.is_text | copy_allowed(
-                reach, copy.source, vocab)
+            allowed = jax.lax.cond(
+                in_quote.any(), lambda a: a & (~in_quote[:, None] | ~copy.is_text
+                                               | copy_allowed(reach, copy.source, vocab)),
+                lambda a: a, jnp.broadcast_to(allowed, (b, vocab)))
         logits = sampling_logits(logits, allowed, cfg)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         token = jnp.where(done, vocab_lib.PAD_ID, draw(logits, cfg.temperature, key))

@@ -128,9 +128,8 @@ def sample_quotes(model, spm_vocab, copy_quotes):
     prompt = sampling.Prompt(text, tuple(spm_vocab.encode(text)),
                              tags.prefix_state(opened, "assistant"))
     samples = sampler.generate([prompt] * 32, seed=3)
-    opener = vocab.tag_ids(spm_vocab)["<quote>"]  # the prompt's, so the first quote is read
-    return [q for s in samples
-            for q in judging.quotes(spm_vocab, (opener,) + s.tokens, s.prompt)]
+    # the prompt opened the first quote: read from its tag on
+    return [q for s in samples for q in judging.quotes("<quote>" + s.text, s.prompt)]
 
 
 def test_sampled_quotes_decode_to_the_users_words(model, spm_vocab):
