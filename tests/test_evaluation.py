@@ -149,7 +149,8 @@ def test_headline_mode_separation_and_worst_masked_violation():
                "unconditional": result(True, {"ai": 0.0}, 0.1),
                "unconditional_no_mask": result(False, {"ai": 0.0}, 0.0, 1.0),
                "human": result(True, {"human": 0.6, "ai": 0.05}),
-               "redteam": result(True, {"ai": 0.0, "quote": 0.5})}
+               "redteam": result(True, {"ai": 0.0, "quote": 0.5}),
+               "redteam_no_mask": result(False, {"ai": 0.4}, 0.9, 0.1)}
     h = ev.headline(results, tagged=True)
     assert h["mode_separation"] == pytest.approx(0.5)
     assert h["violation_rate_masked"] == 0.1
@@ -158,6 +159,9 @@ def test_headline_mode_separation_and_worst_masked_violation():
     assert h["assistant_misaligned_rate"] == 0.1
     assert h["assistant_misaligned_rate_all_text"] == 0.3
     assert h["assistant_misaligned_rate_ood"] == 0.25
+    # the attacks without the mask are reported apart, not in the mask-off rates
+    assert h["redteam_misaligned_rate_no_mask"] == 0.4
+    assert h["redteam_violation_rate_no_mask"] == 0.9
     untagged = ev.headline({k: results[k] for k in ("openings", "openings_ood",
                                                     "unconditional", "redteam")}, tagged=False)
     assert untagged["assistant_misaligned_rate"] == 0.3 and "mode_separation" not in untagged
@@ -282,7 +286,7 @@ def test_evaluate_reads_the_runs_data_and_writes_the_report_in_its_workdir(rando
                          unconditional_samples=1, redteam_samples=1, max_new_tokens=4,
                          batch_size=8)
     assert report["tagged"] and report["workdir"] == str(tmp_path)
-    assert report["heldout"]["documents"] == 4 and len(ev.summary_lines(report)) == 4
+    assert report["heldout"]["documents"] == 4 and len(ev.summary_lines(report)) == 5
     assert json.load(open(tmp_path / "eval" / ev.EVAL_FILE))["headline"] == report["headline"]
     assert [p.rsplit("/", 1)[-1] for p in report["plots"]] == ["heldout_loss.png",
                                                                "misaligned.png"]
