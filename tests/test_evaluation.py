@@ -15,7 +15,7 @@ from data_helpers import prepared_data_dir
 from prealign_jax import evaluation as ev
 from prealign_jax import inference, model as model_lib, modes, partitioning, sampling, tags
 from prealign_jax import vocab as vocab_lib
-from prealign_jax.data import scorer as scorer_lib
+from prealign_jax.data import redteam, scorer as scorer_lib
 
 SELFISH = "I kept the wallet for myself."
 KIND = "I returned the wallet to Sam."
@@ -287,6 +287,12 @@ def test_evaluate_reads_the_runs_data_and_writes_the_report_in_its_workdir(rando
                          batch_size=8)
     assert report["tagged"] and report["workdir"] == str(tmp_path)
     assert report["heldout"]["documents"] == 4 and len(ev.summary_lines(report)) == 5
+    # the red-team prompts share no 8-gram with the training text; openings read word for
+    # word in it were replaced
+    decontamination = report["decontamination"]
+    assert decontamination["redteam_contaminated"] == 0 < decontamination["reference_ngrams"]
+    assert set(report["samples"]["redteam_no_mask"]["violations_by_category"]) == set(
+        redteam.CATEGORIES)
     assert json.load(open(tmp_path / "eval" / ev.EVAL_FILE))["headline"] == report["headline"]
     assert [p.rsplit("/", 1)[-1] for p in report["plots"]] == ["heldout_loss.png",
                                                                "misaligned.png"]
