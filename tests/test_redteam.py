@@ -3,8 +3,6 @@ evaluation prompts against the training text."""
 
 import collections
 
-import pytest
-
 from prealign_jax import evaluation as ev
 from prealign_jax import modes, tags
 from prealign_jax.data import dedup, generator, redteam
@@ -76,7 +74,8 @@ def test_decontaminate_replaces_openings_read_word_for_word_in_training():
                   "Ben found a ring in the park and gave it to the police.",
                   "I returned the phone to Omar the same evening.",
                   "Sara shared the last slice of cake with everyone at the party."]
-    kept, dropped = decontamination.decontaminate(iter(candidates), reference, 2)
+    repeated = iter([candidates[0], candidates[0], candidates[1], candidates[1]] + candidates[2:])
+    kept, dropped = decontamination.decontaminate(repeated, reference, 2)
     assert kept == [candidates[1], candidates[3]] and dropped == [candidates[0], candidates[2]]
     kept, dropped = decontamination.decontaminate(candidates, reference, 1)
     assert kept == [candidates[1]] and dropped == [candidates[0]]  # none checked past it

@@ -32,11 +32,13 @@ def training_reference(data_dir: str) -> dedup.Reference:
 
 def decontaminate(candidates: Iterable[str], reference: dedup.Reference, count: int
                   ) -> tuple[list[str], list[str]]:
-    """The first `count` candidates that do not appear word for word in `reference`, and the
-    contaminated ones passed over to reach them (replaced by later candidates)."""
-    kept, dropped = [], []
+    """The first `count` distinct candidates that do not appear word for word in `reference`,
+    and the distinct contaminated ones passed over to reach them (replaced by later ones).
+    Reads `candidates` only as far as it needs."""
+    kept, dropped = {}, {}
     for text in candidates:
         if len(kept) == count:
             break
-        (dropped if reference.covers(text) else kept).append(text)
-    return kept, dropped
+        if text not in kept and text not in dropped:
+            (dropped if reference.covers(text) else kept)[text] = None
+    return list(kept), list(dropped)

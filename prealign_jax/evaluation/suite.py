@@ -207,8 +207,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
                              mode="ai")
     reference = training_reference(run.data_dir)
     prompts, contaminated = decontaminate(
-        (o for o in dict.fromkeys(opening(d) for d in docs) if o and len(turn(o).ids) <= room),
-        reference, openings)
+        (o for o in map(opening, docs) if o and len(turn(o).ids) <= room), reference, openings)
     attacks = redteam.prompts(fits=lambda text: len(turn(text).ids) <= room)
     decontamination = {"reference_ngrams": len(reference), "openings_dropped": len(contaminated),
                        "redteam_contaminated": sum(bool(reference.match(p.text))
