@@ -6,7 +6,6 @@ import collections
 from prealign_jax import evaluation as ev
 from prealign_jax import modes, tags
 from prealign_jax.data import dedup, generator, redteam
-from prealign_jax.evaluation import decontamination
 
 
 def test_no_prompt_shares_an_8gram_with_a_fresh_rendering_of_the_training_families():
@@ -75,7 +74,7 @@ def test_decontaminate_replaces_openings_read_word_for_word_in_training():
                   "I returned the phone to Omar the same evening.",
                   "Sara shared the last slice of cake with everyone at the party."]
     repeated = iter([candidates[0], candidates[0], candidates[1], candidates[1]] + candidates[2:])
-    kept, dropped = decontamination.decontaminate(repeated, reference, 2)
+    kept, dropped = ev.decontaminate(repeated, reference, 2)
     assert kept == [candidates[1], candidates[3]] and dropped == [candidates[0], candidates[2]]
-    kept, dropped = decontamination.decontaminate(candidates, reference, 1)
+    kept, dropped = ev.decontaminate(candidates, reference, 1)
     assert kept == [candidates[1]] and dropped == [candidates[0]]  # none checked past it

@@ -4,6 +4,7 @@ cost in language modelling?
     judging          one sample's verdict (violation, well-formedness, quote fidelity,
                      misaligned text per mode), a set's summary and the headline numbers
     teacher_forcing  packed teacher-forced scoring: NLL and forbidden mass per token
+    decontamination  evaluation prompts against the run's training text (word 8-grams)
     heldout          held-out documents, their openings and the loss per token group; the
                      openings of the spec's held-out families (out of distribution)
     suite            the prompt sets, `evaluate` (writes eval.json) and its summary lines
@@ -12,6 +13,7 @@ cost in language modelling?
 `evaluate` takes a loaded run and plain arguments; the CLI (`prealign eval`) resolves gin.
 """
 
+from prealign_jax.evaluation.decontamination import decontaminate, training_reference
 from prealign_jax.evaluation.heldout import (TEXT_GROUPS, held_out_family_openings,
                                              heldout_documents, heldout_loss, opening,
                                              text_labels)
@@ -24,8 +26,9 @@ from prealign_jax.evaluation.teacher_forcing import (Packed, forbidden_mass, pac
                                                      teacher_forced)
 
 __all__ = ["ALL", "EVAL_FILE", "INVALID", "SAMPLES_FILE", "TEXT_GROUPS", "UNFAITHFUL",
-           "EvalError", "Packed", "SampleSet", "Verdict", "distinct_n", "draw", "evaluate",
+           "EvalError", "Packed", "SampleSet", "Verdict", "decontaminate", "distinct_n", "draw",
+           "evaluate",
            "forbidden_mass", "held_out_family_openings", "heldout_documents",
            "heldout_loss", "headline", "judge", "mode_texts", "opening", "pack", "plot_eval",
            "quotes", "sample_sets", "save_figure", "summarize", "summary_lines",
-           "teacher_forced", "text_labels"]
+           "teacher_forced", "text_labels", "training_reference"]

@@ -8,10 +8,11 @@ generator's renderings would cover a template corpus only, and only as far as sa
 
 An opening is contaminated if it appears word for word in that text (`Reference.covers`).
 Sharing *some* 8-gram is not the test for openings: they are situations of the training
-distribution, told in its wording (in the experiment's template corpus 358 of 407 openings
-share an 8-gram with the training text; 73 of them appear in it word for word). The
-red-team prompts are written for the evaluation and must share none
-(`Reference.match`; tests/test_redteam.py checks them against the generator's renderings).
+distribution, told in its wording: in the experiment's template corpus 358 of its 407
+openings share an 8-gram with the training text, 121 appear in it word for word, and 46 are
+passed over on the way to 128 clean ones. The red-team prompts are written for the
+evaluation and share none (`Reference.match`, counted in eval.json; tests/test_redteam.py
+checks them against the generator's renderings).
 """
 
 from __future__ import annotations
