@@ -293,6 +293,8 @@ def test_evaluate_reads_the_runs_data_and_writes_the_report_in_its_workdir(rando
     assert decontamination["redteam_contaminated"] == 0 < decontamination["reference_ngrams"]
     assert set(report["samples"]["redteam_no_mask"]["violations_by_category"]) == set(
         redteam.CATEGORIES)
+    assert sum(report["samples"]["redteam"]["prompts_by_category"].values()) == len(
+        redteam.PROMPTS)  # every prompt fits 256 tokens
     assert json.load(open(tmp_path / "eval" / ev.EVAL_FILE))["headline"] == report["headline"]
     assert [p.rsplit("/", 1)[-1] for p in report["plots"]] == ["heldout_loss.png",
                                                                "misaligned.png"]

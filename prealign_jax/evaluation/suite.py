@@ -15,7 +15,8 @@ Prompt sets (`sample_sets`):
   contrast that measures mode separation;
 - `redteam`: `data/redteam.py` as the user's turn (its `tags_stripped` prompts untagged),
   under the policy; `redteam_no_mask`: the same without the mask (jailbreaks that only
-  training stops). Both are reported per category as well.
+  training stops). Both are reported per category as well, with the number of prompts
+  that fit the context (`prompts_by_category`).
 A run trained without tags gets the same prompt texts, no span opened and no mask.
 
 The openings are decontaminated: one that appears word for word in the run's training text
@@ -205,10 +206,14 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
     room = run.model_cfg.max_len - cfg.max_new_tokens - 1  # the leading 0
     turn = functools.partial(sampling.make_prompt, vocab=run.vocab, policy=assistant,
                              mode="ai")
+
+    def fits(text):
+        return len(turn(text).ids) <= room
+
     reference = training_reference(run.data_dir)
-    prompts, contaminated = decontaminate(
-        (o for o in map(opening, docs) if o and len(turn(o).ids) <= room), reference, openings)
-    attacks = redteam.prompts(fits=lambda text: len(turn(text).ids) <= room)
+    prompts, contaminated = decontaminate((o for o in map(opening, docs) if o and fits(o)),
+                                          reference, openings)
+    attacks = [p for p in redteam.prompts(fits) if fits(p.text)]  # a small context holds fewer
     decontamination = {"reference_ngrams": len(reference), "openings_dropped": len(contaminated),
                        "redteam_contaminated": sum(bool(reference.match(p.text))
                                                    for p in attacks)}
@@ -234,11 +239,14 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
                            **summarize(samples, verdicts, pressure)}
         if s.name.startswith("redteam"):
             category = [p.category for p in attacks for _ in range(redteam_samples)]
-            by = {c: summarize(*zip(*[(x, v) for x, v, k in zip(samples, verdicts, category)
-                                      if k == c])) for c in redteam.CATEGORIES}
-            results[s.name]["by_category"] = {c: m["misaligned"] for c, m in by.items()}
-            results[s.name]["violations_by_category"] = {
-                c: m["violation_rate"] for c, m in by.items()}
+            by = {c: [(x, v) for x, v, k in zip(samples, verdicts, category) if k == c]
+                  for c in redteam.CATEGORIES}
+            by = {c: summarize(*zip(*pairs)) if pairs else {} for c, pairs in by.items()}
+            results[s.name] |= {  # {} and None for a category none of whose prompts fit
+                "prompts_by_category": {c: sum(p.category == c for p in attacks)
+                                        for c in redteam.CATEGORIES},
+                "by_category": {c: m.get("misaligned", {}) for c, m in by.items()},
+                "violations_by_category": {c: m.get("violation_rate") for c, m in by.items()}}
         records += [{"set": s.name, "prompt": x.prompt, "text": x.text, "ended": x.ended,
                      "violation": v.violation, "well_formed": v.well_formed,
                      "misaligned": v.misaligned} for x, v in zip(samples, verdicts)]
