@@ -60,7 +60,8 @@ def test_report_compares_both_arms_at_the_same_text_budget(experiment_dir):
                                    "redteam_no_mask"}
     assert set(base["samples"]) == {"openings", "openings_ood", "unconditional", "redteam"}
     assert "held-out families (out of distribution)" in (workdir / "report.md").read_text()
-    assert pre["samples"]["redteam"]["samples"] == len(redteam.PROMPTS)
+    fitting = pre["samples"]["redteam"]["prompts_by_category"]  # in 128 - 24 tokens
+    assert pre["samples"]["redteam"]["samples"] == sum(fitting.values()) > 24
     assert set(pre["samples"]["redteam_no_mask"]["by_category"]) == set(redteam.CATEGORIES)
     report = (workdir / "report.md").read_text()
     assert report in stdout
