@@ -15,7 +15,7 @@ from data_helpers import prepared_data_dir
 from prealign_jax import evaluation as ev
 from prealign_jax import inference, model as model_lib, modes, partitioning, sampling, tags
 from prealign_jax import vocab as vocab_lib
-from prealign_jax.data import scorer as scorer_lib
+from prealign_jax.data import redteam, scorer as scorer_lib
 
 SELFISH = "I kept the wallet for myself."
 KIND = "I returned the wallet to Sam."
@@ -149,7 +149,8 @@ def test_headline_mode_separation_and_worst_masked_violation():
                "unconditional": result(True, {"ai": 0.0}, 0.1),
                "unconditional_no_mask": result(False, {"ai": 0.0}, 0.0, 1.0),
                "human": result(True, {"human": 0.6, "ai": 0.05}),
-               "redteam": result(True, {"ai": 0.0, "quote": 0.5})}
+               "redteam": result(True, {"ai": 0.0, "quote": 0.5}),
+               "redteam_no_mask": result(False, {"ai": 0.4}, 0.9, 0.1)}
     h = ev.headline(results, tagged=True)
     assert h["mode_separation"] == pytest.approx(0.5)
     assert h["violation_rate_masked"] == 0.1
@@ -158,6 +159,9 @@ def test_headline_mode_separation_and_worst_masked_violation():
     assert h["assistant_misaligned_rate"] == 0.1
     assert h["assistant_misaligned_rate_all_text"] == 0.3
     assert h["assistant_misaligned_rate_ood"] == 0.25
+    # the attacks without the mask are reported apart, not in the mask-off rates
+    assert h["redteam_misaligned_rate_no_mask"] == 0.4
+    assert h["redteam_violation_rate_no_mask"] == 0.9
     untagged = ev.headline({k: results[k] for k in ("openings", "openings_ood",
                                                     "unconditional", "redteam")}, tagged=False)
     assert untagged["assistant_misaligned_rate"] == 0.3 and "mode_separation" not in untagged
@@ -289,7 +293,15 @@ def test_evaluate_reads_the_runs_data_and_writes_the_report_in_its_workdir(rando
     assert report["samples"]["openings"]["copy_quotes"]
     assert not report["samples"]["openings_no_copy"]["copy_quotes"]
     assert "assistant_misaligned_rate_ood_no_copy" in report["headline"]
-    assert report["heldout"]["documents"] == 4 and len(ev.summary_lines(report)) == 4
+    assert report["heldout"]["documents"] == 4 and len(ev.summary_lines(report)) == 5
+    # the red-team prompts share no 8-gram with the training text; openings read word for
+    # word in it were replaced
+    decontamination = report["decontamination"]
+    assert decontamination["redteam_contaminated"] == 0 < decontamination["reference_ngrams"]
+    assert set(report["samples"]["redteam_no_mask"]["violations_by_category"]) == set(
+        redteam.CATEGORIES)
+    assert sum(report["samples"]["redteam"]["prompts_by_category"].values()) == len(
+        redteam.PROMPTS)  # every prompt fits 256 tokens
     assert json.load(open(tmp_path / "eval" / ev.EVAL_FILE))["headline"] == report["headline"]
     assert [p.rsplit("/", 1)[-1] for p in report["plots"]] == ["heldout_loss.png",
                                                                "misaligned.png"]

@@ -11,6 +11,8 @@ import pytest
 
 from cli_helpers import tiny_model_flags
 
+from prealign_jax.data import redteam
+
 pytestmark = pytest.mark.slow
 
 TINY = ["--gin.prepare.num_scenarios=300", "--gin.prepare.vocab_size=512",
@@ -54,10 +56,13 @@ def test_report_compares_both_arms_at_the_same_text_budget(experiment_dir):
     assert pre["headline"]["violation_rate_masked"] == 0
     assert set(pre["samples"]) == {"openings", "openings_ood", "openings_no_mask",
                                    "openings_untagged", "unconditional",
-                                   "unconditional_no_mask", "human", "redteam"}
+                                   "unconditional_no_mask", "human", "redteam",
+                                   "redteam_no_mask"}
     assert set(base["samples"]) == {"openings", "openings_ood", "unconditional", "redteam"}
     assert "held-out families (out of distribution)" in (workdir / "report.md").read_text()
-    assert pre["samples"]["redteam"]["samples"] == 24
+    fitting = pre["samples"]["redteam"]["prompts_by_category"]  # in 128 - 24 tokens
+    assert pre["samples"]["redteam"]["samples"] == sum(fitting.values()) > 24
+    assert set(pre["samples"]["redteam_no_mask"]["by_category"]) == set(redteam.CATEGORIES)
     report = (workdir / "report.md").read_text()
     assert report in stdout
     hardware = results["setup"]["hardware"]  # what it ran on, for comparing reports

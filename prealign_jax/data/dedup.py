@@ -118,6 +118,13 @@ class Reference:
         """The first reference n-gram in `text` (normalized), or None."""
         return self.match_words(normalize(text).split())
 
+    def covers(self, text: str) -> bool:
+        """Whether `text` (normalized, n words or more) appears word for word in the
+        reference: every n-gram of it is one of the reference's (from one text, or a chain
+        of overlapping n-grams from several: repeating it, either way)."""
+        hashes = _ngram_hashes(normalize(text).split(), self.n)
+        return bool(hashes.size) and bool(np.isin(hashes, self.hashes).all())
+
     def match_words(self, words: list[str]) -> str | None:
         """`match` on the words of a normalized text."""
         hashes = _ngram_hashes(words, self.n)

@@ -7,6 +7,7 @@ cost in language modelling?
     judges           the judges of misalignment (lexicon, learned, llm) behind one
                      interface, the labelled set and each judge's agreement with it
     teacher_forcing  packed teacher-forced scoring: NLL and forbidden mass per token
+    decontamination  evaluation prompts against the run's training text (word 8-grams)
     heldout          held-out documents, their openings and the loss per token group; the
                      openings of the spec's held-out families (out of distribution)
     suite            the prompt sets, `evaluate` (writes eval.json) and its summary lines
@@ -15,6 +16,7 @@ cost in language modelling?
 `evaluate` takes a loaded run and plain arguments; the CLI (`prealign eval`) resolves gin.
 """
 
+from prealign_jax.evaluation.decontamination import decontaminate, training_reference
 from prealign_jax.evaluation.heldout import (TEXT_GROUPS, held_out_family_openings,
                                              heldout_documents, heldout_loss, opening,
                                              text_labels)
@@ -28,8 +30,9 @@ from prealign_jax.evaluation.teacher_forcing import (Packed, forbidden_mass, pac
                                                      teacher_forced)
 
 __all__ = ["ALL", "EVAL_FILE", "INVALID", "SAMPLES_FILE", "TEXT_GROUPS", "UNFAITHFUL",
-           "EvalError", "Packed", "SampleSet", "Verdict", "answer_texts", "distinct_n",
-           "draw", "evaluate", "forbidden_mass", "held_out_family_openings",
-           "heldout_documents", "heldout_loss", "headline", "judge", "mode_texts", "opening",
-           "own_words", "pack", "plot_eval", "quotes", "sample_sets", "save_figure",
-           "summarize", "summary_lines", "teacher_forced", "text_labels"]
+            "EvalError", "Packed", "SampleSet", "Verdict", "answer_texts", "decontaminate",
+            "distinct_n", "draw", "evaluate", "forbidden_mass", "held_out_family_openings",
+            "heldout_documents", "heldout_loss", "headline", "judge", "mode_texts", "opening",
+            "own_words", "pack", "plot_eval", "quotes", "sample_sets", "save_figure",
+            "summarize", "summary_lines", "teacher_forced", "text_labels",
+            "training_reference"]

@@ -42,9 +42,9 @@ def heldout_records(data_dir: str) -> list[records.Document]:
     return docs
 
 
-def heldout_documents(data_dir: str, limit: int, seed: int = 0) -> list[str]:
-    """Up to `limit` validation documents (tagged text) of every source, in a seeded
-    shuffle so that any prefix mixes the sources."""
+def heldout_documents(data_dir: str, limit: int | None, seed: int = 0) -> list[str]:
+    """Up to `limit` (None: all) validation documents (tagged text) of every source, in a
+    seeded shuffle so that any prefix mixes the sources."""
     texts = [doc.text for doc in heldout_records(data_dir)]
     random.Random(seed).shuffle(texts)
     return texts[:limit]

@@ -204,7 +204,8 @@ def headline(results: dict, tagged: bool) -> dict:
            "redteam_misaligned_rate_all_text": rate("redteam", ALL)}
     if tagged:
         masked = [r for r in results.values() if r["mask"]]
-        unmasked = [r for r in results.values() if not r["mask"]]
+        # The mask-off rates of ordinary prompts; the attacks' are reported on their own.
+        unmasked = [r for k, r in results.items() if not r["mask"] and k != "redteam_no_mask"]
         ended = sum(r["ended"] for r in unmasked)
         out |= {
             "violation_rate_masked": max(r["violation_rate"] for r in masked),
@@ -218,7 +219,9 @@ def headline(results: dict, tagged: bool) -> dict:
             "quote_fidelity": results["openings"].get("quote_fidelity"),
             "quote_fidelity_ood": results["openings_ood"].get("quote_fidelity"),
             "mask_pressure": results["openings"]["mask_pressure"],
-            "mask_pressure_unmasked": results["openings_no_mask"]["mask_pressure"]}
+            "mask_pressure_unmasked": results["openings_no_mask"]["mask_pressure"],
+            "redteam_misaligned_rate_no_mask": rate("redteam_no_mask"),
+            "redteam_violation_rate_no_mask": results["redteam_no_mask"]["violation_rate"]}
     if "openings_no_copy" in results:  # evaluated with copy_quotes: its effect
         out |= {"assistant_misaligned_rate_no_copy": rate("openings_no_copy"),
                 "assistant_misaligned_rate_ood_no_copy": rate("openings_ood_no_copy"),

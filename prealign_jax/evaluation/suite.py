@@ -13,10 +13,16 @@ Prompt sets (`sample_sets`):
 - `unconditional`: no user text, only the opened span (Korbak et al.'s setting);
 - `human`: the openings' user turns under `grammar` with a human span opened instead: the
   contrast that measures mode separation;
-- `redteam`: `data/redteam.py` as the user's turn, under the policy;
+- `redteam`: `data/redteam.py` as the user's turn (its `tags_stripped` prompts untagged),
+  under the policy; `redteam_no_mask`: the same without the mask (jailbreaks that only
+  training stops). Both are reported per category as well, with the number of prompts
+  that fit the context (`prompts_by_category`);
 - with `copy_quotes` (quotes copy the user's turn, `sampling`), `openings_no_copy` and
   `openings_ood_no_copy`: the openings without it, so one report shows its effect.
 A run trained without tags gets the same prompt texts, no span opened and no mask.
+
+The openings are decontaminated: one that appears word for word in the run's training text
+is replaced by the next (`decontamination`; eval.json's `decontamination` counts them).
 
 Each set is judged and summarized (`judging`), with its mask pressure: the model's own
 probability, at temperature 1, of the tokens the policy forbids where each new token was
@@ -37,6 +43,7 @@ from prealign_jax import console, fileio, inference, modes, sampling, tags
 from prealign_jax import vocab as vocab_lib
 from prealign_jax.data import redteam, scenarios, scorer as scorer_lib
 from prealign_jax.errors import UserError
+from prealign_jax.evaluation.decontamination import decontaminate, training_reference
 from prealign_jax.evaluation.heldout import (heldout_documents, heldout_loss,
                                              held_out_family_openings, opening)
 from prealign_jax.evaluation.judging import headline, judge, summarize
@@ -60,33 +67,38 @@ class SampleSet:
     policy: modes.Policy
     mode: str | None  # span opened after the prompt
     use_mask: bool
-    raw: bool = False  # prompts are tagged text, used as is (`sampling.make_prompt`)
+    raw: bool | tuple[bool, ...] = False  # prompts are tagged text, used as is
+    # (`sampling.make_prompt`); a tuple says it per prompt
     copy_quotes: bool = True  # False: never copy-constrained (True: as evaluate sets it)
 
     def make_prompts(self, vocab) -> list[sampling.Prompt]:
-        return [sampling.make_prompt(p, vocab, self.policy, mode=self.mode, raw=self.raw)
-                for p in self.prompts]
+        raw = self.raw if isinstance(self.raw, tuple) else (self.raw,) * len(self.prompts)
+        return [sampling.make_prompt(p, vocab, self.policy, mode=self.mode, raw=r)
+                for p, r in zip(self.prompts, raw)]
 
 
 def sample_sets(tagged: bool, policy: modes.Policy, openings: Sequence[str],
                 samples_per_prompt: int, unconditional_samples: int,
                 redteam_samples: int, ood_openings: Sequence[str],
+                redteam_prompts: Sequence[redteam.RedTeamPrompt] = redteam.PROMPTS,
                 copy_quotes: bool = False) -> list[SampleSet]:
     """The prompt sets of the module docstring. Untagged openings end in a newline, as a
     span that follows one does in the corpus."""
     turns = tuple(o for o in openings for _ in range(samples_per_prompt))
     lines = tuple(o + "\n" for o in turns)
     ood = tuple(o for o in ood_openings for _ in range(samples_per_prompt))
-    attacks = tuple(p.text for p in redteam.PROMPTS for _ in range(redteam_samples))
+    attacks = tuple(p for p in redteam_prompts for _ in range(redteam_samples))
     empty = ("",) * unconditional_samples
     if not tagged:
         plain = modes.GRAMMAR
         return [SampleSet("openings", lines, plain, None, False),
                 SampleSet("openings_ood", tuple(o + "\n" for o in ood), plain, None, False),
                 SampleSet("unconditional", empty, plain, None, False),
-                SampleSet("redteam", attacks, plain, None, False)]
+                SampleSet("redteam", tuple(p.text for p in attacks), plain, None, False)]
     untagged = tuple(tags.escape(o) + "<ai>" for o in lines)
     human = tuple(f"<human>{tags.escape(o)}</human>\n<human>" for o in turns)
+    raw = tuple(not p.turn for p in attacks)
+    texts = tuple(p.text if p.turn else tags.escape(p.text) + "\n" for p in attacks)
     return [SampleSet("openings", turns, policy, "ai", True),
             SampleSet("openings_ood", ood, policy, "ai", True),
             SampleSet("openings_no_mask", turns, policy, "ai", False),
@@ -94,7 +106,8 @@ def sample_sets(tagged: bool, policy: modes.Policy, openings: Sequence[str],
             SampleSet("unconditional", empty, policy, "ai", True),
             SampleSet("unconditional_no_mask", empty, policy, "ai", False),
             SampleSet("human", human, modes.GRAMMAR, None, True, raw=True),
-            SampleSet("redteam", attacks, policy, "ai", True)] + ([
+            SampleSet("redteam", texts, policy, "ai", True, raw=raw),
+            SampleSet("redteam_no_mask", texts, policy, "ai", False, raw=raw)] + ([
             SampleSet("openings_no_copy", turns, policy, "ai", True, copy_quotes=False),
             SampleSet("openings_ood_no_copy", ood, policy, "ai", True, copy_quotes=False)]
         if copy_quotes else [])
@@ -201,7 +214,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
     clock.say(f"evaluating {run.workdir} (step {run.step}, "
               f"{'with' if tagged else 'without'} tags)")
 
-    docs = heldout_documents(run.data_dir, max(heldout_documents_limit, openings), seed)
+    docs = heldout_documents(run.data_dir, None, seed)
     heldout = heldout_loss(run, docs[:heldout_documents_limit], token_class, tagged,
                            sampling.mask_tables(assistant, token_class).allowed, scorer)
     clock.say(f"held-out: text loss {heldout['loss/text']:.4f} over "
@@ -210,8 +223,19 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
     room = run.model_cfg.max_len - cfg.max_new_tokens - 1  # the leading 0
     turn = functools.partial(sampling.make_prompt, vocab=run.vocab, policy=assistant,
                              mode="ai")
-    prompts = [o for o in dict.fromkeys(opening(d) for d in docs)
-               if o and len(turn(o).ids) <= room][:openings]
+
+    def fits(text):
+        return len(turn(text).ids) <= room
+
+    reference = training_reference(run.data_dir)
+    prompts, contaminated = decontaminate((o for o in map(opening, docs) if o and fits(o)),
+                                          reference, openings)
+    attacks = [p for p in redteam.prompts(fits) if fits(p.text)]  # a small context holds fewer
+    decontamination = {"reference_ngrams": len(reference), "openings_dropped": len(contaminated),
+                       "redteam_contaminated": sum(bool(reference.match(p.text))
+                                                   for p in attacks)}
+    clock.say(f"decontamination: {len(contaminated)} openings appear word for word in the "
+              "training text, replaced")
     ood = [o for o in held_out_family_openings(4 * ood_openings, seed)
            if len(turn(o).ids) <= room][:ood_openings]
     if not prompts or not ood:
@@ -219,7 +243,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
                         f"tokens with evaluate.max_new_tokens={cfg.max_new_tokens}; lower it")
     results, records = {}, []
     for s in sample_sets(tagged, assistant, prompts, samples_per_prompt,
-                         unconditional_samples, redteam_samples, ood,
+                         unconditional_samples, redteam_samples, ood, attacks,
                          copy_quotes=copy_quotes and tagged):
         sampler = sampler_of(s)
         made = s.make_prompts(run.vocab)
@@ -232,12 +256,16 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
         results[s.name] = {"policy": s.policy.name, "mode": s.mode, "mask": s.use_mask,
                            "copy_quotes": sampler.cfg.copy_quotes,
                            **summarize(samples, verdicts, pressure)}
-        if s.name == "redteam":
-            category = [p.category for p in redteam.PROMPTS for _ in range(redteam_samples)]
-            results[s.name]["by_category"] = {
-                c: summarize(*zip(*[(x, v) for x, v, k in zip(samples, verdicts, category)
-                                    if k == c]))["misaligned"]
-                for c in redteam.CATEGORIES}
+        if s.name.startswith("redteam"):
+            category = [p.category for p in attacks for _ in range(redteam_samples)]
+            by = {c: [(x, v) for x, v, k in zip(samples, verdicts, category) if k == c]
+                  for c in redteam.CATEGORIES}
+            by = {c: summarize(*zip(*pairs)) if pairs else {} for c, pairs in by.items()}
+            results[s.name] |= {  # {} and None for a category none of whose prompts fit
+                "prompts_by_category": {c: sum(p.category == c for p in attacks)
+                                        for c in redteam.CATEGORIES},
+                "by_category": {c: m.get("misaligned", {}) for c, m in by.items()},
+                "violations_by_category": {c: m.get("violation_rate") for c, m in by.items()}}
         records += [{"set": s.name, "prompt": x.prompt, "text": x.text, "ended": x.ended,
                      "violation": v.violation, "well_formed": v.well_formed,
                      "misaligned": v.misaligned} for x, v in zip(samples, verdicts)]
@@ -246,6 +274,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
 
     report = {"workdir": fileio.absolute(run.workdir), "step": run.step, "tagged": tagged,
               "policy": policy, "heldout": heldout, "samples": results,
+              "decontamination": decontamination,
               "sampling": dataclasses.asdict(cfg) | {"seed": seed},
               "headline": headline(results, tagged)}
     report["plots"] = plot_eval(report, output_dir)
@@ -272,6 +301,9 @@ def summary_lines(report: dict) -> list[str]:
                      f"{h['well_formed_rate_unmasked']:.1%} ({h['truncated_rate_unmasked']:.1%}"
                      f" truncated) | mode separation {h['mode_separation']:+.1%} | mask "
                      f"pressure {h['mask_pressure']:.4f}")
+        lines.append(f"red-team without the mask: misaligned "
+                     f"{h['redteam_misaligned_rate_no_mask']:.1%}, transition violations "
+                     f"{h['redteam_violation_rate_no_mask']:.1%}")
         fidelity = h["quote_fidelity"]
         lines.append("quote fidelity (quotes that copy the user's words): "
                      + ("no quotes" if fidelity is None else
