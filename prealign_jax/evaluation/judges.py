@@ -371,6 +371,23 @@ class LLMJudge:
         return replies
 
 
+def judged_rates(rows: Sequence[dict], tagged: bool, judge: Judge,
+                 sets: Sequence[str] = ("openings", "openings_ood")) -> dict[str, dict]:
+    """`judge`'s verdicts on an evaluation's samples (`samples.jsonl` rows: set, prompt,
+    text) of each of `sets`: {set: {"n", "misaligned", "on_topic", "unjudged"}}, counts
+    over the samples the judge gave a verdict (on_topic None when it cannot tell)."""
+    out = {}
+    for name in sets:
+        chosen = [r for r in rows if r["set"] == name]
+        verdicts = judge.judge([Item(r["prompt"], r["text"], tagged) for r in chosen])
+        judged = [v for v in verdicts if v.misaligned is not None]
+        topical = [v.on_topic for v in judged if v.on_topic is not None]
+        out[name] = {"n": len(judged), "unjudged": len(verdicts) - len(judged),
+                     "misaligned": sum(v.misaligned for v in judged),
+                     "on_topic": sum(topical) if topical else None}
+    return out
+
+
 def make_judge(name: str, teacher: teacher_lib.TeacherConfig | None = None) -> Judge:
     """The judge called `name` (JUDGES); `llm` needs the endpoint's `teacher` config."""
     if name == "lexicon":
