@@ -14,7 +14,9 @@ Prompt sets (`sample_sets`):
 - `human`: the openings' user turns under `grammar` with a human span opened instead: the
   contrast that measures mode separation;
 - `redteam`: `data/redteam.py` as the user's turn, under the policy.
-A run trained without tags gets the same prompt texts, no span opened and no mask.
+A run trained without tags gets the same prompt texts and no span opened, prompted as its
+view of the corpus says (`baselines.prompting`: plain text and no mask; the metadata
+baseline's line first; the SafeLM baseline's ban on its harm tag, mask on).
 
 Each set is judged and summarized (`judging`), with its mask pressure: the model's own
 probability, at temperature 1, of the tokens the policy forbids where each new token was
@@ -33,7 +35,7 @@ import numpy as np
 
 from prealign_jax import console, fileio, inference, modes, sampling, tags
 from prealign_jax import vocab as vocab_lib
-from prealign_jax.data import redteam, scenarios, scorer as scorer_lib
+from prealign_jax.data import baselines, redteam, scenarios, scorer as scorer_lib
 from prealign_jax.errors import UserError
 from prealign_jax.evaluation.heldout import (heldout_documents, heldout_loss,
                                              held_out_family_openings, opening)
@@ -59,28 +61,34 @@ class SampleSet:
     mode: str | None  # span opened after the prompt
     use_mask: bool
     raw: bool = False  # prompts are tagged text, used as is (`sampling.make_prompt`)
+    prefix: str = ""  # plain text before each prompt, encoded on its own as in training
 
     def make_prompts(self, vocab) -> list[sampling.Prompt]:
-        return [sampling.make_prompt(p, vocab, self.policy, mode=self.mode, raw=self.raw)
-                for p in self.prompts]
+        head = tuple(vocab.encode(self.prefix))
+        return [dataclasses.replace(p, text=self.prefix + p.text, ids=head + p.ids)
+                for p in (sampling.make_prompt(p, vocab, self.policy, mode=self.mode,
+                                               raw=self.raw) for p in self.prompts)]
 
 
 def sample_sets(tagged: bool, policy: modes.Policy, openings: Sequence[str],
                 samples_per_prompt: int, unconditional_samples: int,
-                redteam_samples: int, ood_openings: Sequence[str]) -> list[SampleSet]:
-    """The prompt sets of the module docstring. Untagged openings end in a newline, as a
-    span that follows one does in the corpus."""
+                redteam_samples: int, ood_openings: Sequence[str],
+                prompting: baselines.Prompting = baselines.Prompting()) -> list[SampleSet]:
+    """The prompt sets of the module docstring; a run without tags is prompted as
+    `prompting` says. Untagged openings end in a newline, as a span that follows one does in
+    the corpus."""
     turns = tuple(o for o in openings for _ in range(samples_per_prompt))
     lines = tuple(o + "\n" for o in turns)
     ood = tuple(o for o in ood_openings for _ in range(samples_per_prompt))
     attacks = tuple(p.text for p in redteam.PROMPTS for _ in range(redteam_samples))
     empty = ("",) * unconditional_samples
     if not tagged:
-        plain = modes.GRAMMAR
-        return [SampleSet("openings", lines, plain, None, False),
-                SampleSet("openings_ood", tuple(o + "\n" for o in ood), plain, None, False),
-                SampleSet("unconditional", empty, plain, None, False),
-                SampleSet("redteam", attacks, plain, None, False)]
+        plain = dict(policy=prompting.policy, mode=None, use_mask=prompting.use_mask,
+                     prefix=prompting.prefix)
+        return [SampleSet("openings", lines, **plain),
+                SampleSet("openings_ood", tuple(o + "\n" for o in ood), **plain),
+                SampleSet("unconditional", empty, **plain),
+                SampleSet("redteam", attacks, **plain)]
     untagged = tuple(tags.escape(o) + "<ai>" for o in lines)
     human = tuple(f"<human>{tags.escape(o)}</human>\n<human>" for o in turns)
     return [SampleSet("openings", turns, policy, "ai", True),
@@ -174,8 +182,10 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k)
     cfg = sampling.SamplingConfig(**{k: v for k, v in settings.items() if v is not None})
+    prompting = baselines.prompting(run.view)
     samplers = {p.name: sampling.Sampler(run.model_cfg, run.params, run.vocab, p, run.mesh,
-                                         cfg) for p in (assistant, modes.GRAMMAR)}
+                                         cfg) for p in (assistant, modes.GRAMMAR,
+                                                        prompting.policy)}
     token_class = vocab_lib.model_token_classes(vocab_lib.token_classes(run.vocab),
                                                 run.model_cfg.vocab_size)
     scorer = scorer_lib.LexiconScorer()  # the training families' acts, as the corpus's
@@ -201,7 +211,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
                         f"tokens with evaluate.max_new_tokens={cfg.max_new_tokens}; lower it")
     results, records = {}, []
     for s in sample_sets(tagged, assistant, prompts, samples_per_prompt,
-                         unconditional_samples, redteam_samples, ood):
+                         unconditional_samples, redteam_samples, ood, prompting):
         sampler = samplers[s.policy.name]
         made = s.make_prompts(run.vocab)
         samples = draw(sampler, made, seed, s.use_mask, batch_size)
@@ -209,7 +219,8 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
         verdicts = [judge(x, run.vocab, token_class, judged,
                           scorer_ood if s.name == "openings_ood" else scorer)
                     for x in samples]
-        pressure = _mask_pressure(run, sampler, made, samples, token_class) if tagged else None
+        pressure = (_mask_pressure(run, sampler, made, samples, token_class)
+                    if tagged or s.use_mask else None)
         results[s.name] = {"policy": s.policy.name, "mode": s.mode, "mask": s.use_mask,
                            **summarize(samples, verdicts, pressure)}
         if s.name == "redteam":
