@@ -50,7 +50,8 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
     Args:
       data_dir: a directory written by `prealign prepare` (a local path or a URL).
       rates: mixture rate per source (relative); sources not named default to their
-        number of training documents in the manifest. Rate 0 leaves a source out.
+        number of training documents in the manifest (those the view keeps, for
+        'filtered'). Rate 0 leaves a source out.
       bad_records: 'error' (stop, naming shard and record) or 'skip' (drop and log).
       tag_dropout: fraction of documents whose tags are stripped (default 0).
       shuffle_buffer_size: per-Task shuffle buffer, in documents (shuffled in examples of
@@ -106,7 +107,12 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
         counts = {split: sum(s["records"] for s in manifest["shards"]
                              if s["source"] == source and s["split"] == split)
                   for split in splits}
-        rate = (rates or {}).get(source, counts.get("train", 0))
+        # The documents read: the filtered view's default rates are what it keeps, and a
+        # split it empties is left out (named if asked for) rather than read forever.
+        kept = ({split: baselines.kept_documents(files) for split, files in splits.items()}
+                if view == "filtered" else counts)
+        splits = {k: v for k, v in splits.items() if kept[k]}
+        rate = (rates or {}).get(source, kept.get("train", 0))
         if not splits or not rate:
             continue
         seqio.TaskRegistry.add(
@@ -117,7 +123,7 @@ def register(data_dir: str, rates: Mapping[str, float] | None = None,
                                                num_records=shards.record_counts(data_dir,
                                                                                 manifest)),
                 split_to_filepattern=splits, block_length=1,
-                num_input_examples={k: -(-v // preprocessors.BLOCK) for k, v in counts.items()}),
+                num_input_examples={k: -(-counts[k] // preprocessors.BLOCK) for k in splits}),
             preprocessors=[
                 functools.partial(preprocessors.examples, bad_records=bad_records),
                 functools.partial(preprocessors.tag_dropout, rate=tag_dropout),

@@ -133,11 +133,11 @@ def _view_rows(data_dir, view, source):
             for row in ex["targets"].to_list()]
 
 
-def _documents(data_dir, source):
+def _documents(data_dir, source, split="train"):
     from prealign_jax.data import shards
 
     return list(shards.iter_documents(shards.shard_files(
-        str(data_dir), shards.read_manifest(str(data_dir)), source, "train")))
+        str(data_dir), shards.read_manifest(str(data_dir)), source, split)))
 
 
 def _text(vocab, row):
@@ -176,10 +176,14 @@ SOURCES = ("synthetic_ai", "synthetic_quote")
 
 
 def test_filtered_view_drops_exactly_the_documents_with_selfish_text(experiment_dir):
-    from prealign_jax import vocab as vocab_lib
+    import seqio
+
+    from prealign_jax import tasks, vocab as vocab_lib
 
     data_dir = experiment_dir[0] / "data"
     vocab = vocab_lib.load_dir(str(data_dir))
+    mixture = seqio.get_mixture_or_task(tasks.register(str(data_dir), mixture="filtered",
+                                                       view="filtered"))
     dropped = 0
     for source in SOURCES:
         docs = _documents(data_dir, source)
@@ -188,6 +192,12 @@ def test_filtered_view_drops_exactly_the_documents_with_selfish_text(experiment_
         rows = _view_rows(data_dir, "filtered", source)
         assert collections.Counter(_text(vocab, r) for r in rows) \
             == collections.Counter(_stripped(d.text) for d in kept)
+        # Sampled as often as what it keeps, not as what it had; a split it empties is left
+        # out (an error names it if asked for), not read forever.
+        task = seqio.get_mixture_or_task(f"filtered_{source}")
+        assert mixture.get_rate(task) == len(kept)
+        assert ("validation" in task.splits) == any(
+            1 not in d.span_labels for d in _documents(data_dir, source, "validation"))
     assert dropped  # the corpus has selfish documents, and they are gone
 
 

@@ -8,7 +8,9 @@ says (`prompting`). Every view strips the mode tags; what else it does:
 - `filtered` (data filtering): documents holding selfish text are left out: a span labelled
   1 (`records.Document.span_labels`: a human's selfish act or line, or a selfish request an
   assistant quotes; the assistant's own spans are never labelled selfish); ingested text
-  with unknown labels (-1) is kept. Prompted with plain text.
+  with unknown labels (-1) is kept. Each source is sampled at the rate of the documents it
+  keeps (`kept_documents`, `tasks.register`), so the kept ones are not read more often than
+  the others. Prompted with plain text.
 - `metadata` (MeCo, Gao et al. 2025, "Metadata conditioning accelerates language model
   pretraining"): every document opens with a plain-text line naming its source
   (`metadata_line`), as MeCo prepends a document's URL; the line's tokens are ordinary
@@ -40,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from prealign_jax import modes, tf_cpu, vocab as vocab_lib
-from prealign_jax.data import preprocessors
+from prealign_jax.data import preprocessors, shards
 
 tf = tf_cpu.import_tf()
 import seqio  # noqa: E402  (after tf_cpu)
@@ -74,9 +76,16 @@ def prompting(name: str | None) -> Prompting:
     return Prompting()
 
 
+def kept_documents(paths) -> int:
+    """How many documents of the shards `paths` the `filtered` view keeps."""
+    return sum(SELFISH not in d.span_labels for d in shards.iter_documents(paths))
+
+
 def view(dataset, output_features, name: str, source: str):
     """Examples of the `source` Task as view `name` (module docstring) reads them:
     `targets` changed, `span_labels` as read."""
+    if name not in VIEWS:
+        raise ValueError(f"view {name!r}: use one of {VIEWS}")
     vocab = output_features["targets"].vocabulary
     token_class = vocab_lib.token_classes(vocab)
     if name == "safelm":
