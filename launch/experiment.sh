@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The prealigned-vs-baseline experiment: sets up the virtualenv if needed, then prepares the
-# corpus, trains the prealigned model and the tag-stripped baseline at the same text-token
-# budget, evaluates both and writes $WORKDIR/report.md (table + plots/). Rerunning reuses
-# the data and the trained runs.
+# The prealigned-vs-baselines experiment: sets up the virtualenv if needed, then prepares
+# the corpus, trains the prealigned model and each baseline (tag-stripped MLE, filtered,
+# metadata, safelm; experiment.arms) at the same text-token budget for each seed, evaluates
+# them and writes $WORKDIR/report.md (table + plots/). Rerunning reuses the data and the
+# trained runs.
 #
-#   launch/experiment.sh                                                # CPU, ~30 min
+#   launch/experiment.sh                                                # CPU, ~7 h (gin file)
 #   launch/experiment.sh --gin_file=experiments/prealign_vs_mle_gpu.gin # one GPU (125M)
 #
 # The experiment is gin/experiments/prealign_vs_mle.gin unless a --gin_file=experiments/...

@@ -34,7 +34,8 @@ class Run:
     step: int
     workdir: str
     data_dir: str  # the prepared data it was trained on (vocabulary, held-out documents)
-    tagged: bool  # False for a run trained with every tag stripped (a baseline)
+    tagged: bool  # False for a run trained without its modes (a baseline)
+    view: str | None = None  # the published baseline's view it read (`data/baselines.py`)
 
 
 def load_run(workdir: str, *, model_overrides: Mapping[str, Any] | None = None,
@@ -77,7 +78,8 @@ def load_run(workdir: str, *, model_overrides: Mapping[str, Any] | None = None,
         os.path.join(directory, str(step)),
         partitioning.sharded_shapes(model_lib.abstract_params(model), device_mesh))
     return Run(model, params, vocab, device_mesh, step, workdir, data_dir,
-               tagged=info.get("tag_dropout", 0.0) < 1.0)
+               tagged=info.get("tag_dropout", 0.0) < 1.0 and not info.get("view"),
+               view=info.get("view"))
 
 
 def mode_runs(mode_names) -> str:

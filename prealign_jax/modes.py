@@ -246,7 +246,15 @@ HUMAN_ONLY = Policy(
                  "human text -> human", "human </human> -> doc"),
 )
 
-BUILT_IN = (GRAMMAR, ASSISTANT, HUMAN_ONLY)
+# The grammar without `<human>`: no human span can ever open. The decoding of the SafeLM
+# baseline, whose single harm tag is `<human>` (`data/baselines.py`).
+NO_HUMAN = Policy(
+    name="no_human",
+    transitions=tuple(f"{mode} {cls} -> {nxt}" for mode, moves in _GRAMMAR.items()
+                      if mode != "human" for cls, nxt in moves.items() if cls != "<human>"),
+)
+
+BUILT_IN = (GRAMMAR, ASSISTANT, HUMAN_ONLY, NO_HUMAN)
 # The policy registry: the built-in policies and those registered (e.g. from gin's
 # `policies.extra`, gin/policies/*.gin). Every lookup by name goes through `get_policy`.
 POLICIES: dict[str, Policy] = {p.name: p for p in BUILT_IN}

@@ -41,7 +41,8 @@ class DataSources:
     `train` is endless and deterministic (each shard's iterator position is checkpointed);
     `eval`, if given, is endless too and re-read from its start at every evaluation.
     `info` is recorded in the run directory (`run.json`): what inference and evaluation
-    need to find the data again (`data_dir`, `mixture`, `tag_dropout`)."""
+    need to find the data again and read it as trained (`data_dir`, `mixture`,
+    `tag_dropout`, `view`)."""
 
     train: Any
     eval: Any | None
@@ -91,7 +92,8 @@ class SeqioData:
             token_class=vocab.token_classes(vocabulary),
             info={"data_dir": self.resolved_data_dir(workdir),
                   "mixture": self.mixture_or_task,
-                  "tag_dropout": pipeline.tag_dropout_rate(provider)})
+                  "tag_dropout": pipeline.tag_dropout_rate(provider),
+                  "view": pipeline.view_name(provider)})
 
 
 def data_shards(num_data_shards: int | None = None) -> list[seqio.ShardInfo]:

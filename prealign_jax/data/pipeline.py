@@ -19,7 +19,7 @@ from typing import Mapping
 
 from prealign_jax import tf_cpu, vocab as vocab_lib
 from prealign_jax.data import converter as converter_lib
-from prealign_jax.data import preprocessors
+from prealign_jax.data import baselines, preprocessors
 from prealign_jax.errors import UserError
 
 tf = tf_cpu.import_tf()
@@ -90,9 +90,20 @@ def _tasks_of(provider) -> list:
 def tag_dropout_rate(provider) -> float:
     """The largest `preprocessors.tag_dropout` rate of a Mixture's or Task's preprocessors:
     1.0 for a run that never reads a tag (the baseline), recorded with the run."""
-    rates = [p.keywords["rate"] for t in _tasks_of(provider) for p in t.preprocessors
-             if isinstance(p, functools.partial) and p.func is preprocessors.tag_dropout]
-    return float(max(rates, default=0.0))
+    return float(max((k["rate"] for k in _keywords(provider, preprocessors.tag_dropout)),
+                     default=0.0))
+
+
+def view_name(provider) -> str | None:
+    """The `baselines.view` a Mixture's or Task's documents are read through (None: as
+    prepared), recorded with the run: evaluation prompts the run as its view says."""
+    return next((k["name"] for k in _keywords(provider, baselines.view)), None)
+
+
+def _keywords(provider, fn) -> list[dict]:
+    """The keyword arguments of each `functools.partial(fn, ...)` preprocessor."""
+    return [p.keywords for t in _tasks_of(provider) for p in t.preprocessors
+            if isinstance(p, functools.partial) and p.func is fn]
 
 
 class DataIterator:

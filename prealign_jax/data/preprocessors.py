@@ -1,4 +1,5 @@
-"""Reading pre-tokenized shards into seqio examples, and tag dropout.
+"""Reading pre-tokenized shards into seqio examples (token ids and span labels), and tag
+dropout.
 
 `prealign prepare` tokenized and validated every document (the grammar's FSM on token
 classes); the Tasks read `targets` as a cached seqio Task does, without tokenizing again.
@@ -36,11 +37,15 @@ BLOCK = 128  # records read and parsed per op
 # pipeline near 1M tokens/s here; 16 documents per example amortise that, and stay fine
 # enough for the Mixture's rates and for mixing sources within a batch.
 DOCS_PER_EXAMPLE = 16
-_TARGETS = {"targets": tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)}
+# What the Tasks read of a record: its token ids, and its spans' labels (`records.Document`),
+# which the baselines' views (`baselines.view`) read.
+_FEATURES = {name: tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)
+             for name in ("targets", "span_labels")}
 
 
 def read_records(filename, bad_records: str, num_records: Mapping[str, int]):
-    """A shard file as blocks of records {targets[b, None], parsed[b], shard, record[b]}
+    """A shard file as blocks of records {targets[b, None], span_labels[b, None], parsed[b],
+    shard, record[b]}
     (`record` is the index in the file, `parsed` false where a record cannot be parsed).
 
     Blocks, not single records, keep tf.data's per-element overhead off the hot path.
@@ -54,9 +59,7 @@ def read_records(filename, bad_records: str, num_records: Mapping[str, int]):
               .enumerate().batch(BLOCK).flat_map(_parse_block)
               .map(lambda block: {**block, "end": False}))
     end = tf.data.Dataset.from_tensors({
-        "record": tf.zeros([0], tf.int64),
-        "targets": tf.RaggedTensor.from_row_lengths(tf.zeros([0], tf.int64),
-                                                    tf.zeros([0], tf.int64)),
+        "record": tf.zeros([0], tf.int64), **_no_rows(),
         "parsed": tf.zeros([0], tf.bool), "end": True})
 
     def count(read, block):
@@ -87,8 +90,15 @@ def read_records(filename, bad_records: str, num_records: Mapping[str, int]):
             .filter(lambda block: ~block["end"]))
 
 
+def _no_rows() -> dict:
+    """Every feature of `_FEATURES` with no rows."""
+    return {name: tf.RaggedTensor.from_row_lengths(tf.zeros([0], tf.int64),
+                                                   tf.zeros([0], tf.int64))
+            for name in _FEATURES}
+
+
 def _parse_block(index, serialized):
-    """The `targets` of a block of records. One parse per block; only a block holding a
+    """The features of a block of records. One parse per block; only a block holding a
     record that cannot be parsed (which fails the whole parse) is parsed again record by
     record, to mark just that record. Each branch is a dataset so `ignore_errors` can catch
     a failed parse; `take(1)` never builds nor runs the record-by-record branch when the
@@ -96,32 +106,34 @@ def _parse_block(index, serialized):
     """
     def whole(i, s):
         return {"record": i, "parsed": tf.ones_like(i, tf.bool),
-                "targets": tf.io.parse_example(s, _TARGETS)["targets"]}
+                **tf.io.parse_example(s, _FEATURES)}
 
     def singly(i, s):
-        none = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int64), tf.RaggedTensor.
-                                             from_row_lengths(tf.zeros([0], tf.int64),
-                                                              tf.zeros([0], tf.int64))))
+        none = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int64), _no_rows()))
         return (tf.data.Dataset.from_tensor_slices((i, s))
-                .map(lambda i, s: (i, tf.io.parse_single_example(s, _TARGETS)["targets"]))
+                .map(lambda i, s: (i, tf.io.parse_single_example(s, _FEATURES)))
                 .ignore_errors().ragged_batch(BLOCK).concatenate(none).take(1).map(fill))
 
-    def fill(got, targets):
+    def fill(got, features):
         # Rows of the records that parsed, in order; the others are empty and unparsed.
         at = tf.cast(got - index[0], tf.int32)[:, None]
-        lengths = tf.scatter_nd(at, targets.row_lengths(), tf.shape(index))
+
+        def rows(ragged):
+            lengths = tf.scatter_nd(at, ragged.row_lengths(), tf.shape(index))
+            return tf.RaggedTensor.from_row_lengths(ragged.flat_values, lengths)
+
         return {"record": index, "parsed": tf.scatter_nd(at, tf.ones_like(got, tf.bool),
                                                          tf.shape(index)),
-                "targets": tf.RaggedTensor.from_row_lengths(targets.flat_values, lengths)}
+                **{name: rows(ragged) for name, ragged in features.items()}}
 
     block = tf.data.Dataset.from_tensors((index, serialized))
     return block.map(whole).ignore_errors().concatenate(block.flat_map(singly)).take(1)
 
 
 def examples(dataset, output_features, bad_records: str = "error"):
-    """Examples `{targets: int32[docs, None]}` of up to `DOCS_PER_EXAMPLE` documents (EOS
-    included) from `read_records`' blocks, with the bad-record policy applied to records
-    that could not be read."""
+    """Examples `{targets: int32[docs, None], span_labels: int64[docs, None]}` of up to
+    `DOCS_PER_EXAMPLE` documents (EOS included) from `read_records`' blocks, with the
+    bad-record policy applied to records that could not be read."""
     del output_features  # the shards hold the Task's vocabulary's ids (the manifest's)
     if bad_records not in BAD_RECORD_POLICIES:
         raise ValueError(f"bad_records={bad_records!r}; use one of {BAD_RECORD_POLICIES}")
@@ -134,6 +146,7 @@ def examples(dataset, output_features, bad_records: str = "error"):
                                    tf.strings.as_string(block["record"]), ": ",
                                    tf.gather(reasons, reason)])
         targets = tf.cast(block["targets"], tf.int32)
+        labels = block["span_labels"]
         if bad_records == "error":
             bad = reason != 0
             first = tf.gather(message, tf.argmax(tf.cast(bad, tf.int32)))
@@ -141,8 +154,9 @@ def examples(dataset, output_features, bad_records: str = "error"):
                     ERROR_MARKER, tf.strings.join([
                         first, "; rerun `prealign prepare` (or bind tasks.register."
                         "bad_records='skip' to drop and log such records)"])])]):
-                return {"targets": tf.identity(targets)}
-        return {"targets": targets, "reason": reason, "message": message}
+                return {"targets": tf.identity(targets), "span_labels": labels}
+        return {"targets": targets, "span_labels": labels, "reason": reason,
+                "message": message}
 
     ds = dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
     if bad_records == "error":
@@ -160,7 +174,7 @@ def examples(dataset, output_features, bad_records: str = "error"):
             return skipped
 
         logged = tf.cond(tf.reduce_any(bad), log, lambda: skipped)
-        return logged, {"targets": tf.ragged.boolean_mask(batch["targets"], ~bad)}
+        return logged, {k: tf.ragged.boolean_mask(batch[k], ~bad) for k in _FEATURES}
 
     return _split_blocks(ds.scan(tf.constant(0, tf.int64), count_and_log))
 
@@ -168,10 +182,9 @@ def examples(dataset, output_features, bad_records: str = "error"):
 def _split_blocks(ds):
     """Blocks of documents cut into examples of `DOCS_PER_EXAMPLE`, in order."""
     def split(block):
-        targets = block["targets"]
-        starts = tf.range(0, targets.nrows(), DOCS_PER_EXAMPLE)
+        starts = tf.range(0, block["targets"].nrows(), DOCS_PER_EXAMPLE)
         return tf.data.Dataset.from_tensor_slices(starts).map(
-            lambda i: {"targets": targets[i:i + DOCS_PER_EXAMPLE]})
+            lambda i: {k: block[k][i:i + DOCS_PER_EXAMPLE] for k in _FEATURES})
 
     return ds.flat_map(split)
 
@@ -185,16 +198,20 @@ def tag_dropout(dataset, output_features, rate: float):
     """
     if rate <= 0:
         return dataset
-    token_class = tf.constant(vocab_lib.token_classes(output_features["targets"].vocabulary))
-    is_tag = tf.constant(np.isin(np.arange(modes.NUM_CLASSES),
-                                 list(modes.TAG_CLASS.values())))
+    token_class = vocab_lib.token_classes(output_features["targets"].vocabulary)
 
     @seqio.map_over_dataset(num_seeds=1)
     def drop(ex, seed):
         tokens = ex["targets"]  # [docs, None]
         dropped = tf.random.stateless_uniform([tokens.nrows()], seed=seed) < rate
-        tag = tf.ragged.map_flat_values(lambda t: tf.gather(is_tag, tf.gather(token_class, t)),
-                                        tokens)
-        return {**ex, "targets": tf.ragged.boolean_mask(tokens, ~(tag & dropped[:, None]))}
+        return {**ex, "targets": tf.ragged.boolean_mask(
+            tokens, ~(is_tag(tokens, token_class) & dropped[:, None]))}
 
     return drop(dataset)
+
+
+def is_tag(tokens, token_class: np.ndarray):
+    """bool, shaped as `tokens` (ragged or not): which ids are tags (`token_class`: the
+    vocabulary's `vocab.token_classes`)."""
+    tag = tf.constant(np.isin(token_class, list(modes.TAG_CLASS.values())))
+    return tf.ragged.map_flat_values(lambda t: tf.gather(tag, t), tokens)

@@ -19,7 +19,9 @@ Prompt sets (`sample_sets`):
   that fit the context (`prompts_by_category`);
 - with `copy_quotes` (quotes copy the user's turn, `sampling`), `openings_no_copy` and
   `openings_ood_no_copy`: the openings without it, so one report shows its effect.
-A run trained without tags gets the same prompt texts, no span opened and no mask.
+A run trained without tags gets the same prompt texts and no span opened, prompted as its
+view of the corpus says (`baselines.prompting`: plain text and no mask; the metadata
+baseline's line first; the SafeLM baseline's ban on its harm tag, mask on).
 
 The openings are decontaminated: one that appears word for word in the run's training text
 is replaced by the next (`decontamination`; eval.json's `decontamination` counts them).
@@ -41,7 +43,7 @@ import numpy as np
 
 from prealign_jax import console, fileio, inference, modes, sampling, tags
 from prealign_jax import vocab as vocab_lib
-from prealign_jax.data import redteam, scenarios, scorer as scorer_lib
+from prealign_jax.data import baselines, redteam, scenarios, scorer as scorer_lib
 from prealign_jax.errors import UserError
 from prealign_jax.evaluation.decontamination import decontaminate, training_reference
 from prealign_jax.evaluation.heldout import (heldout_documents, heldout_loss,
@@ -70,31 +72,37 @@ class SampleSet:
     raw: bool | tuple[bool, ...] = False  # prompts are tagged text, used as is
     # (`sampling.make_prompt`); a tuple says it per prompt
     copy_quotes: bool = True  # False: never copy-constrained (True: as evaluate sets it)
+    prefix: str = ""  # plain text before each prompt, encoded on its own as in training
 
     def make_prompts(self, vocab) -> list[sampling.Prompt]:
         raw = self.raw if isinstance(self.raw, tuple) else (self.raw,) * len(self.prompts)
-        return [sampling.make_prompt(p, vocab, self.policy, mode=self.mode, raw=r)
-                for p, r in zip(self.prompts, raw)]
+        head = tuple(vocab.encode(self.prefix))
+        return [dataclasses.replace(p, text=self.prefix + p.text, ids=head + p.ids)
+                for p in (sampling.make_prompt(p, vocab, self.policy, mode=self.mode, raw=r)
+                          for p, r in zip(self.prompts, raw))]
 
 
 def sample_sets(tagged: bool, policy: modes.Policy, openings: Sequence[str],
                 samples_per_prompt: int, unconditional_samples: int,
                 redteam_samples: int, ood_openings: Sequence[str],
                 redteam_prompts: Sequence[redteam.RedTeamPrompt] = redteam.PROMPTS,
+                prompting: baselines.Prompting = baselines.Prompting(),
                 copy_quotes: bool = False) -> list[SampleSet]:
-    """The prompt sets of the module docstring. Untagged openings end in a newline, as a
-    span that follows one does in the corpus."""
+    """The prompt sets of the module docstring; a run without tags is prompted as
+    `prompting` says. Untagged openings end in a newline, as a span that follows one does in
+    the corpus."""
     turns = tuple(o for o in openings for _ in range(samples_per_prompt))
     lines = tuple(o + "\n" for o in turns)
     ood = tuple(o for o in ood_openings for _ in range(samples_per_prompt))
     attacks = tuple(p for p in redteam_prompts for _ in range(redteam_samples))
     empty = ("",) * unconditional_samples
     if not tagged:
-        plain = modes.GRAMMAR
-        return [SampleSet("openings", lines, plain, None, False),
-                SampleSet("openings_ood", tuple(o + "\n" for o in ood), plain, None, False),
-                SampleSet("unconditional", empty, plain, None, False),
-                SampleSet("redteam", tuple(p.text for p in attacks), plain, None, False)]
+        plain = dict(policy=prompting.policy, mode=None, use_mask=prompting.use_mask,
+                     prefix=prompting.prefix)
+        return [SampleSet("openings", lines, **plain),
+                SampleSet("openings_ood", tuple(o + "\n" for o in ood), **plain),
+                SampleSet("unconditional", empty, **plain),
+                SampleSet("redteam", tuple(p.text for p in attacks), **plain)]
     untagged = tuple(tags.escape(o) + "<ai>" for o in lines)
     human = tuple(f"<human>{tags.escape(o)}</human>\n<human>" for o in turns)
     raw = tuple(not p.turn for p in attacks)
@@ -198,6 +206,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
                     top_k=top_k)
     cfg = sampling.SamplingConfig(**{k: v for k, v in settings.items() if v is not None},
                                   copy_quotes=copy_quotes)
+    prompting = baselines.prompting(run.view)
     samplers = {}
 
     def sampler_of(s: SampleSet) -> sampling.Sampler:
@@ -243,7 +252,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
                         f"tokens with evaluate.max_new_tokens={cfg.max_new_tokens}; lower it")
     results, records = {}, []
     for s in sample_sets(tagged, assistant, prompts, samples_per_prompt,
-                         unconditional_samples, redteam_samples, ood, attacks,
+                         unconditional_samples, redteam_samples, ood, attacks, prompting,
                          copy_quotes=copy_quotes and tagged):
         sampler = sampler_of(s)
         made = s.make_prompts(run.vocab)
@@ -252,7 +261,8 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
         verdicts = [judge(x, run.vocab, token_class, judged,
                           scorer_ood if s.name.startswith("openings_ood") else scorer)
                     for x in samples]
-        pressure = _mask_pressure(run, sampler, made, samples, token_class) if tagged else None
+        pressure = (_mask_pressure(run, sampler, made, samples, token_class)
+                    if tagged or s.use_mask else None)
         results[s.name] = {"policy": s.policy.name, "mode": s.mode, "mask": s.use_mask,
                            "copy_quotes": sampler.cfg.copy_quotes,
                            **summarize(samples, verdicts, pressure)}
