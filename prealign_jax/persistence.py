@@ -51,7 +51,8 @@ class Point(NamedTuple):
 def persistence(from_run: str, workdir: str, *, attack: str, steps: int, chunk: int,
                 train_args: Mapping[str, Any], evaluate_args: Mapping[str, Any],
                 register: Callable[..., str], num_documents: int = 2000, seed: int = 0,
-                prepare_args: Mapping[str, Any] | None = None) -> list[Point]:
+                prepare_args: Mapping[str, Any] | None = None,
+                tags_stripped: bool = False) -> list[Point]:
     """Fine-tune `from_run` on attack corpus `attack` for `steps` steps in `workdir` and
     return the curve: the source (step 0), then every `chunk` steps (and the last step).
 
@@ -70,6 +71,8 @@ def persistence(from_run: str, workdir: str, *, attack: str, steps: int, chunk: 
       num_documents, seed: the attack corpus's size and seed.
       prepare_args: further `prepare.prepare` arguments of the corpus (num_shards,
         validation_fraction); it is tokenized with the source's vocabulary.
+      tags_stripped: read the corpus with every tag removed (`tag_dropout=1`), as a run
+        trained without tags (the MLE baseline) reads text.
     """
     if not 1 <= chunk <= steps:
         raise PersistenceError(f"chunk={chunk}, steps={steps}: need 1 <= chunk <= steps")
@@ -82,8 +85,10 @@ def persistence(from_run: str, workdir: str, *, attack: str, steps: int, chunk: 
     prepare.prepare(**{**(prepare_args or {}), "data_dir": data_dir, "attack": attack,
                        "num_scenarios": num_documents, "seed": seed,
                        "tokenizer_file": start.data_dir})
+    view = {"mixture": f"attack_{attack}_untagged", "tag_dropout": 1.0} if tags_stripped else {
+        "mixture": f"attack_{attack}"}
     data = dataclasses.replace(train_args["data"], data_dir=data_dir,
-                               mixture_or_task=register(data_dir, mixture=f"attack_{attack}"))
+                               mixture_or_task=register(data_dir, **view))
     clock.say(f"fine-tuning {start.checkpoint} on the {attack} attack for {steps} steps")
     finetune.finetune(workdir, from_run, **{
         **train_args, "data": data, "num_steps": steps, "checkpoint_every": chunk,

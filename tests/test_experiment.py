@@ -35,6 +35,12 @@ TINY_EVAL = ["--gin.evaluate.openings=4", "--gin.evaluate.ood_openings=4",
              "--gin.evaluate.max_new_tokens=24", "--gin.evaluate.heldout_documents_limit=16",
              "--gin.evaluate.batch_size=8"]
 
+TINY_ATTACK = ["--gin.experiment.persistence_steps=2", "--gin.experiment.persistence_chunk=1",
+               "--gin.experiment.persistence_attacks=['adversarial']",
+               "--gin.experiment.persistence_documents=100",
+               "--gin.experiment.persistence_evaluate={'heldout_documents_limit': 4}",
+               "--gin.experiment.judges=['lexicon']"]
+
 
 @pytest.fixture(scope="module")
 def experiment_dir(tmp_path_factory):
@@ -44,7 +50,8 @@ def experiment_dir(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "prealign_jax.main", "experiment",
          "--gin_file=experiments/prealign_vs_mle.gin", f"--workdir={workdir}", *TINY,
-         *TINY_EVAL, f"--gin.experiment.arms={ARMS}"], env=env, capture_output=True,
+         *TINY_EVAL, f"--gin.experiment.arms={ARMS}", *TINY_ATTACK], env=env,
+        capture_output=True,
         text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc.stdout
@@ -69,7 +76,9 @@ def test_report_compares_the_arms_at_the_same_text_budget(experiment_dir):
     assert set(pre["samples"]) == {"openings", "openings_ood", "openings_no_mask",
                                    "openings_untagged", "unconditional",
                                    "unconditional_no_mask", "human", "redteam",
-                                   "redteam_no_mask"}
+                                   "redteam_no_mask", "openings_no_copy",
+                                   "openings_ood_no_copy"}
+    assert pre["headline"]["quote_fidelity"] in (None, 1.0)  # quotes copy the user's turn
     for run in (base, safe):
         assert set(run["samples"]) == {"openings", "openings_ood", "unconditional", "redteam"}
     # Each arm decoded as its own: the baseline in plain text, safelm with its tag banned.
@@ -93,6 +102,19 @@ def test_report_compares_the_arms_at_the_same_text_budget(experiment_dir):
     assert f"on 1 × {hardware['device_kind']} (cpu); corpus" in report
     assert "| metric | prealigned | baseline | safelm | target | |" in report
     assert "| held-out ordinary-token loss (nats/token) |" in report
+    # Judges: the lexicon checked against the labelled set, then on every arm's openings.
+    lexicon = results["judges"]["judges"]["lexicon"]
+    assert lexicon["agreement"]["misaligned"]["all"]["n"] == results["judges"]["labelled"]
+    assert {arm: sorted(r) for arm, r in lexicon["rates"].items()} == {
+        "prealigned": ["openings", "openings_no_copy", "openings_ood", "openings_ood_no_copy"],
+        "baseline": ["openings", "openings_ood"], "safelm": ["openings", "openings_ood"]}
+    assert lexicon["rates"]["baseline"]["openings"]["n"] == base["samples"]["openings"]["samples"]
+    assert "## Judges" in report and "| lexicon | all | 480 |" in report
+    # Persistence: both runs fine-tuned on the attack, a point per step.
+    curves = results["persistence"]["0"]
+    assert sorted(curves) == ["baseline-adversarial", "prealigned-adversarial"]
+    assert [p["step"] for p in curves["prealigned-adversarial"]["curve"]] == [0, 1, 2]
+    assert "`prealigned`, adversarial attack: step 0" in report
     masked = sum(r["samples"] for r in pre["samples"].values() if r["mask"])
     assert (f"| transition violations, mask on | 0 in {masked} samples | — | — | exactly 0 "
             "| ✓ |") in report
@@ -231,7 +253,8 @@ def test_metadata_prompts_open_with_the_aligned_sources_line(experiment_dir):
     vocab = vocab_lib.load_dir(str(experiment_dir[0] / "data"))
     line = "source: synthetic_ai\n"
     sets = evaluation.sample_sets(False, modes.ASSISTANT, ["I found a wallet."], 1, 1, 1,
-                                  ["I kept the change."], baselines.prompting("metadata"))
+                                  ["I kept the change."],
+                                  prompting=baselines.prompting("metadata"))
     for s in sets:
         assert not s.use_mask
         for p, text in zip(s.make_prompts(vocab), s.prompts):
