@@ -384,8 +384,12 @@ def _loop(workdir: str, steps: Steps, sources: feed.DataSources, *, num_steps: i
         closing.callback(ckpt.close)  # waits for pending saves
         latest = ckpt.latest_step()
         start = latest or 0
+        complete = bool(start) and start >= num_steps
         if start:
             _check_same_model(workdir, steps.model.cfg, ckpt.directory / str(start))
+        if complete:  # neither the state nor the data position is needed (a data pipeline
+            state = None  # changed since the save could not restore its position anyway)
+        elif start:
             state = ckpt.restore(start, steps.abstract_state, iterator)
             console.say(f"resumed from {ckpt.directory}/{start}")
         elif latest == 0:  # parameters alone (prealign import): T5X's initialize_from
@@ -403,9 +407,10 @@ def _loop(workdir: str, steps: Steps, sources: feed.DataSources, *, num_steps: i
         if jax.process_index() == 0:  # only now: a refused resume keeps the run's own
             for name, text in run_files.items():
                 fileio.atomic_write(os.path.join(workdir, name), text)
-        if start >= num_steps:
+        if complete:
             console.say(f"{ckpt.directory}/{start} is at or past train.num_steps={num_steps}; "
                         "nothing to train")
+            return {}
         writer = writers.make_writer(workdir, start, wandb_project)
         closing.callback(writer.close)
         standard = [hooks_lib.NanGuard(ckpt),

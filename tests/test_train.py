@@ -3,6 +3,7 @@ accumulation, loss weights and per-mode metrics, the optimizer's decay mask, che
 restored onto another mesh, and the loop's hooks (order, non-finite-loss guard, metrics
 writers, preemption, profiler)."""
 
+import dataclasses
 import functools
 import glob
 import json
@@ -224,6 +225,23 @@ def test_train_writes_metrics_config_and_checkpoints_then_resumes(tmp_path, batc
     records = read_records(tmp_path)
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
     assert [r["step"] for r in records if "eval/loss" in r] == [2, 4]
+
+
+def test_a_complete_run_restores_nothing(tmp_path, batches, capsys):
+    """A run at train.num_steps needs neither its state nor its data position, so a data
+    pipeline changed since the save (whose position tf.data cannot restore) finds nothing
+    to train instead of failing."""
+    run_train(tmp_path, batches, dict(data=8), num_steps=2)
+    same = synthetic_data(batches)
+
+    def changed(*args):
+        sources = same(*args)
+        return dataclasses.replace(sources, train={k: ds.shuffle(4, seed=0)
+                                                   for k, ds in sources.train.items()})
+
+    assert train.train(str(tmp_path), model=CFG, num_steps=2, batch_size=8, data=changed,
+                       optimizer=OPT, num_cpu_devices=None, checkpoint_every=2) == {}
+    assert "nothing to train" in capsys.readouterr().out
 
 
 def test_resume_drops_the_metrics_after_the_restored_step(tmp_path, batches):
