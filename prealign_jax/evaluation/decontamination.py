@@ -17,6 +17,7 @@ checks them against the generator's renderings).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable
 
@@ -26,8 +27,15 @@ from prealign_jax.data import dedup, shards
 def training_reference(data_dir: str) -> dedup.Reference:
     """Every word 8-gram of the training documents of `data_dir` (a prepared corpus)."""
     manifest = shards.read_manifest(data_dir)
-    paths = [os.path.join(data_dir, s["file"]) for s in manifest["shards"]
-             if s["split"] == "train"]
+    return _reference(tuple(os.path.join(data_dir, s["file"]) for s in manifest["shards"]
+                            if s["split"] == "train"))
+
+
+@functools.lru_cache(maxsize=2)
+def _reference(paths: tuple[str, ...]) -> dedup.Reference:
+    """Cached by shard files (a build's never change; a re-prepared corpus has new ones):
+    an experiment evaluates the same corpus many times (every arm, every persistence
+    point), and reading 20k documents takes a minute here."""
     return dedup.Reference((), verbatim=(doc.text for doc in shards.iter_documents(paths)))
 
 
