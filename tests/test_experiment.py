@@ -35,7 +35,7 @@ TINY_EVAL = ["--gin.evaluate.openings=4", "--gin.evaluate.ood_openings=4",
              "--gin.evaluate.max_new_tokens=24", "--gin.evaluate.heldout_documents_limit=16",
              "--gin.evaluate.batch_size=8"]
 
-TINY_ATTACK = ["--gin.experiment.persistence_steps=2", "--gin.experiment.persistence_chunk=1",
+TINY_ATTACK = ["--gin.experiment.persistence_steps=1", "--gin.experiment.persistence_chunk=1",
                "--gin.experiment.persistence_attacks=['adversarial']",
                "--gin.experiment.persistence_documents=100",
                "--gin.experiment.persistence_evaluate={'heldout_documents_limit': 4}",
@@ -113,7 +113,7 @@ def test_report_compares_the_arms_at_the_same_text_budget(experiment_dir):
     # Persistence: both runs fine-tuned on the attack, a point per step.
     curves = results["persistence"]["0"]
     assert sorted(curves) == ["baseline-adversarial", "prealigned-adversarial"]
-    assert [p["step"] for p in curves["prealigned-adversarial"]["curve"]] == [0, 1, 2]
+    assert [p["step"] for p in curves["prealigned-adversarial"]["curve"]] == [0, 1]
     assert "`prealigned`, adversarial attack: step 0" in report
     masked = sum(r["samples"] for r in pre["samples"].values() if r["mask"])
     assert (f"| transition violations, mask on | 0 in {masked} samples | — | — | exactly 0 "
