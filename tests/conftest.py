@@ -73,6 +73,22 @@ def spm_vocab(tmp_path_factory):
     return vocab.load(path)
 
 
+@pytest.fixture(scope="module")
+def xla_compilation_cache(tmp_path_factory):
+    """A module's identical programs (same mesh, same config: the train step, the sampler)
+    compile once across its train() and evaluate() calls; use it with
+    `pytestmark = pytest.mark.usefixtures("xla_compilation_cache")`."""
+    import jax
+
+    saved = {k: jax.config.values[k] for k in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _gin_bindings_stay_in_their_module():
     """Bindings a test module parses (main.parse_gin) must not configure the next module's

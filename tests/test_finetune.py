@@ -24,16 +24,7 @@ EVAL = dict(heldout_documents_limit=4, openings=1, ood_openings=1, samples_per_p
             unconditional_samples=1, redteam_samples=1, max_new_tokens=4, batch_size=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The same programs (train step, sampler) compile once across the runs here."""
-    saved = {k: jax.config.values[k] for k in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("xla_compilation_cache")
 
 
 def seqio_data(data_dir, mixture):

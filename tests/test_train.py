@@ -33,16 +33,7 @@ MESHES = {"1 device": dict(data=1, devices=jax.devices()[:1]),
           "data=2 fsdp=2 tensor=2": dict(data=2, fsdp=2, tensor=2)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Identical programs (same mesh, same config) compile once across train() calls."""
-    saved = {k: jax.config.values[k] for k in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("xla_compilation_cache")
 
 
 @functools.cache
