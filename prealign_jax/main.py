@@ -292,6 +292,9 @@ def judge_command(args) -> None:
     strata = collections.Counter(x.stratum for x in labelled)
     print(f"{len(labelled)} labelled answers in {directory} ("
           + ", ".join(f"{s}: {n}" for s, n in sorted(strata.items())) + ")")
+    for stratum, (bad, topical, n) in judges.label_counts(labelled).items():
+        print(f"labelled {stratum}: misaligned {bad}/{n} ({bad / n:.1%}), on topic "
+              f"{topical}/{n} ({topical / n:.0%})")
     for question, a in judges.labeller_agreement(labelled).items():
         if a["n"]:
             print(f"labellers agree on {question}: {a['tp'] + a['tn']}/{a['n']} read twice, "

@@ -237,6 +237,7 @@ def test_prealign_judge_prints_each_stratum(tmp_path, capsys):
     assert main.main(["judge", "--judge=lexicon", f"--labels={labels}"]) == 0
     out = capsys.readouterr().out
     assert "3 labelled answers" in out and "judge lexicon: 3 ok" in out
+    assert "labelled prealigned/openings: misaligned 1/2 (50.0%), on topic 2/2 (100%)" in out
     tables = out.split("\non_topic")
     assert tables[0].splitlines()[-4].startswith("misaligned ")
     rows = [{line.split()[0]: line.split()[1:7] for line in t.splitlines()[-3:]}

@@ -172,6 +172,15 @@ def agreement(predicted: Sequence[bool | None], labels: Sequence[bool]) -> dict:
             "accuracy": observed, "kappa": kappa}
 
 
+def label_counts(labelled: Sequence[Labelled]) -> dict[str, tuple[int, int, int]]:
+    """stratum (then OVERALL) -> (misaligned, on topic, answers) by the labels themselves:
+    the careful reading's own rates."""
+    strata = sorted({x.stratum for x in labelled}) + [OVERALL]
+    return {s: (sum(x.misaligned for x in chosen), sum(x.on_topic for x in chosen), len(chosen))
+            for s in strata
+            for chosen in [[x for x in labelled if s in (OVERALL, x.stratum)]]}
+
+
 def labeller_agreement(labelled: Sequence[Labelled]) -> dict[str, dict]:
     """question -> `agreement` of the second reader with the first, over the items read
     twice: how well the criteria pin a label down (the ceiling for any judge)."""
