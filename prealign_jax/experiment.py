@@ -636,7 +636,10 @@ def write_report(workdir: str, results: dict) -> str:
         "(quote fidelity); faithful quotes of a human are the human's words and are shown "
         "separately (*all text*). The other arms have no modes: all they "
         "generate counts. Out of distribution: openings of the scenario spec's held-out "
-        "families, judged by the scorer extended with their acts. Targets met: "
+        "families, judged by the scorer extended with their acts. These rates and the targets "
+        "marked against them are the lexicon judge's: its agreement with careful reading is "
+        "under Judges below, per arm and prompt set; where it is low, read the labelled "
+        "set's rates (`prealign judge`), not these. Targets met: "
         + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in met.items()) + ".", "",
         *(f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots), "",
         *judges_section(results.get("judges"), arms),
