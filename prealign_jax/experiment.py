@@ -42,7 +42,7 @@ import numpy as np
 from prealign_jax import (console, evaluation, fileio, inference, model as model_lib, modes,
                           persistence, train)
 from prealign_jax import vocab as vocab_lib
-from prealign_jax.data import feed, pipeline, prepare, redteam, shards
+from prealign_jax.data import attacks, feed, pipeline, prepare, redteam, shards
 from prealign_jax.errors import UserError
 from prealign_jax.evaluation import judges as judges_lib, plots
 
@@ -123,6 +123,25 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
                               f"other of {list(ARMS)}" + (f" ({unknown} are not arms)"
                                                           if unknown else ""))
 
+    offline = [j for j in judges_lib.JUDGES if j != "llm"]  # no endpoint in an experiment
+    if any(j not in offline for j in judges):
+        raise ExperimentError(f"experiment.judges={list(judges)}: choose among {offline} "
+                              "(the llm judge runs with `prealign judge --judge_url=...`)")
+    if persistence_steps < 0 or (persistence_steps and not
+                                 1 <= persistence_chunk <= persistence_steps):
+        raise ExperimentError(
+            f"experiment.persistence_steps={persistence_steps}, persistence_chunk="
+            f"{persistence_chunk}: need steps >= 0 (0: no attacks) and 1 <= chunk <= steps")
+    if persistence_steps and "baseline" not in arms:
+        raise ExperimentError("experiment.persistence_steps needs the 'baseline' arm in "
+                              "experiment.arms (the MLE rate the attacks are measured "
+                              "against); or set it to 0")
+    unknown_attacks = [a for a in persistence_attacks if a not in attacks.KINDS]
+    if persistence_steps and unknown_attacks:
+        raise ExperimentError(f"experiment.persistence_attacks={list(persistence_attacks)}: "
+                              f"{unknown_attacks} are not attacks; choose among "
+                              f"{list(attacks.KINDS)}")
+
     def stage(name: str, fn, *args, **kwargs):
         clock.say(f"{name} ...")
         t = time.perf_counter()
@@ -161,9 +180,6 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
                     inference.load_run(d, mesh=train_args.get("mesh")), **evaluate_args),
                 run_dir)
     if persistence_steps:
-        if "baseline" not in arms:
-            raise ExperimentError("experiment.persistence_steps needs the 'baseline' arm "
-                                  "(the MLE rate the attacks are measured against)")
         for seed in seeds:
             for arm in (PREALIGNED, "baseline"):
                 for attack in persistence_attacks:

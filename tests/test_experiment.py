@@ -303,6 +303,24 @@ def test_arms_must_include_the_prealigned_run(tmp_path):
                                   evaluate_args={}, arms=arms)
 
 
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(judges=["oracle"]), r"^experiment.judges=\['oracle'\]: choose among"),
+    (dict(judges=["llm"]), "the llm judge runs with `prealign judge"),
+    (dict(persistence_steps=-1), "need steps >= 0"),
+    (dict(persistence_steps=10, persistence_chunk=11), "1 <= chunk <= steps"),
+    (dict(persistence_steps=50, persistence_attacks=["evil"]), r"\['evil'\] are not attacks"),
+    (dict(persistence_steps=50, arms=["prealigned", "filtered"]), "needs the 'baseline' arm")])
+def test_experiment_settings_are_checked_before_any_work(tmp_path, kwargs, needle):
+    from prealign_jax import experiment
+    from prealign_jax.data import feed
+
+    with pytest.raises(experiment.ExperimentError, match=needle):
+        experiment.experiment(str(tmp_path / "w"), prepare_args={},
+                              train_args={"data": feed.SeqioData()}, register=None,
+                              evaluate_args={}, **kwargs)
+    assert not (tmp_path / "w").exists()
+
+
 def test_report_shows_every_arm_with_intervals_and_ratios(experiment_dir, tmp_path):
     """All five arms side by side (the two not trained here stand in with the baseline's
     runs): each rate with its Wilson interval, the ratio to every other arm, the targets."""
