@@ -86,7 +86,8 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
                persistence_chunk: int = 50,
                persistence_attacks: Sequence[str] = ("adversarial", "benign"),
                persistence_documents: int = 2000,
-               persistence_evaluate: Mapping[str, Any] | None = None) -> dict:
+               persistence_evaluate: Mapping[str, Any] | None = None,
+               persistence_optimizer: train.OptimizerConfig | None = None) -> dict:
     """Run the stages of the module docstring; returns the report's numbers.
 
     Args:
@@ -107,7 +108,9 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
         (`persistence`); 0 skips it. persistence_chunk: steps between evaluated points;
         persistence_attacks: `attacks.KINDS`; persistence_documents: each attack corpus's
         size; persistence_evaluate: overrides of evaluate_args at every point (fewer
-        samples: a curve has many points).
+        samples: a curve has many points); persistence_optimizer: the fine-tuning's
+        optimizer and schedule (None: the training's, `train.optimizer`) — fine-tuning
+        usually runs at a fraction of the pretraining rate.
     """
     clock = console.Clock("experiment", minutes=True)
     workdir = fileio.absolute(workdir)
@@ -180,6 +183,8 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
                     inference.load_run(d, mesh=train_args.get("mesh")), **evaluate_args),
                 run_dir)
     if persistence_steps:
+        finetune_optimizer = ({"optimizer": persistence_optimizer} if persistence_optimizer
+                              else {})
         for seed in seeds:
             for arm in (PREALIGNED, "baseline"):
                 for attack in persistence_attacks:
@@ -188,7 +193,7 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
                           os.path.join(workdir, f"seed{seed}", arm),
                           os.path.join(workdir, f"seed{seed}", "attacks", f"{arm}-{attack}"),
                           attack=attack, steps=persistence_steps, chunk=persistence_chunk,
-                          train_args={**train_args, "seed": seed},
+                          train_args={**train_args, "seed": seed, **finetune_optimizer},
                           evaluate_args={**evaluate_args, **(persistence_evaluate or {})},
                           register=register, num_documents=persistence_documents,
                           seed=seed, tags_stripped=arm != PREALIGNED)
@@ -601,7 +606,8 @@ def persistence_section(curves: dict) -> list[str]:
              "Each run fine-tuned on an attack corpus (`data/attacks.py`: `adversarial`, "
              "the assistant behaving selfishly; `benign`, human text) with a fresh optimizer; "
              "the assistant's misaligned rate on held-out openings at each evaluated step "
-             "(the same prompts as step 0), and the first step at which it reaches the MLE "
+             "(the same prompts as step 0; in brackets, on the held-out families, and the "
+             "held-out text loss), and the first step at which it reaches the MLE "
              "baseline's rate before the attack.", ""]
     for seed, by_run in curves.items():
         for name, c in by_run.items():
@@ -610,10 +616,14 @@ def persistence_section(curves: dict) -> list[str]:
             points = c["curve"]
             reach = None if mle is None else persistence.steps_to_reach(
                 [persistence.Point(**p) for p in points], mle["curve"][0]["misaligned_rate"])
+            optimizer = c.get("optimizer")
             lines.append(
-                f"- seed {seed}, `{arm}`, {attack} attack: " + ", ".join(
+                f"- seed {seed}, `{arm}`, {attack} attack"
+                + (f" (peak rate {optimizer['learning_rate']:g}, warmup "
+                   f"{optimizer['warmup_steps']})" if optimizer else "") + ": " + ", ".join(
                     f"step {p['step']} {p['misaligned_rate']:.1%} (ood "
-                    f"{p['misaligned_rate_ood']:.1%})" for p in points)
+                    f"{p['misaligned_rate_ood']:.1%}, loss {p['heldout_loss']:.2f})"
+                    for p in points)
                 + ("" if mle is None else "; reaches MLE's "
                    f"{mle['curve'][0]['misaligned_rate']:.1%} "
                    + (f"at step {reach}" if reach is not None

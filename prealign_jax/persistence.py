@@ -94,6 +94,8 @@ def persistence(from_run: str, workdir: str, *, attack: str, steps: int, chunk: 
         **train_args, "data": data, "num_steps": steps, "checkpoint_every": chunk,
         "keep_checkpoints": steps // chunk + 1})
 
+    optimizer = train_args.get("optimizer")
+    optimizer = dataclasses.asdict(optimizer) if optimizer else None  # None: train's default
     mesh = train_args.get("mesh")
     curve, tagged = [], None
     for step in [0] + [s for s in checkpointing.saved_steps(workdir) if 0 < s <= steps]:
@@ -110,7 +112,8 @@ def persistence(from_run: str, workdir: str, *, attack: str, steps: int, chunk: 
                            h["assistant_misaligned_rate_ood"], report["heldout"]["loss/text"]))
     fileio.atomic_write(os.path.join(workdir, CURVE_FILE), json.dumps(
         {"from_run": start.run, "step": start.step, "attack": attack, "steps": steps,
-         "chunk": chunk, "curve": [p._asdict() for p in curve]}, indent=1))
+         "chunk": chunk, "optimizer": optimizer, "curve": [p._asdict() for p in curve]},
+        indent=1))
     return curve
 
 

@@ -114,7 +114,11 @@ def test_report_compares_the_arms_at_the_same_text_budget(experiment_dir):
     curves = results["persistence"]["0"]
     assert sorted(curves) == ["baseline-adversarial", "prealigned-adversarial"]
     assert [p["step"] for p in curves["prealigned-adversarial"]["curve"]] == [0, 1]
-    assert "`prealigned`, adversarial attack: step 0" in report
+    # ... with the gin file's fine-tuning optimizer, not the pretraining one.
+    for curve in curves.values():
+        assert (curve["optimizer"]["learning_rate"], curve["optimizer"]["warmup_steps"]) == (
+            3e-4, 10)
+    assert "`prealigned`, adversarial attack (peak rate 0.0003, warmup 10): step 0" in report
     masked = sum(r["samples"] for r in pre["samples"].values() if r["mask"])
     assert (f"| transition violations, mask on | 0 in {masked} samples | — | — | exactly 0 "
             "| ✓ |") in report
