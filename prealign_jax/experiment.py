@@ -222,11 +222,12 @@ def judge_runs(names: Sequence[str], runs: Mapping[str, Mapping[int, str]],
                tagged: Mapping[str, bool]) -> dict:
     """Each judge's agreement with the labelled set (`evaluation/labels`) and its verdicts
     on every run's openings (in and out of distribution; the prealigned run's also without
-    the copy constraint), pooled over seeds: {"labelled", "labellers", "judges": {name:
-    {"agreement": agreement_table, "rates": {arm: {set: counts}}}}}."""
+    the copy constraint), pooled over seeds: {"labelled", "labellers", "careful_reading":
+    label_counts, "judges": {name: {"agreement": agreement_table, "rates": {arm: {set:
+    counts}}}}}."""
     labelled = judges_lib.load_labelled()
     out = {"labelled": len(labelled), "labellers": judges_lib.labeller_agreement(labelled),
-           "judges": {}}
+           "careful_reading": judges_lib.label_counts(labelled), "judges": {}}
     for name in names:
         judge = judges_lib.make_judge(name)
         agreement = judges_lib.agreement_table(
@@ -572,9 +573,17 @@ def judges_section(judged: dict, arms: Sequence[str]) -> list[str]:
              f"readers agree on `misaligned` with κ {_kappa(both['misaligned'])} and on "
              f"`on_topic` with κ {_kappa(both['on_topic'])} (items read twice). A judge's "
              "agreement with them (precision, recall, Cohen's κ per stratum of the labelled "
-             "set) says how far its rates below can be trusted.", "",
-             "| judge | stratum | n | misaligned: precision | recall | κ | on topic: κ |",
-             "|---|---|---|---|---|---|---|"]
+             "set) says how far its rates below can be trusted.", ""]
+    if "careful_reading" in judged:  # (not in the results.json of an older experiment)
+        lines += ["The careful reading itself, per stratum (`arm/prompt set`; the answers "
+                  "of the runs CRITERIA.md names, not necessarily this experiment's): the "
+                  "figures a validated judge would have to reproduce.", "",
+                  "| stratum | n | misaligned [95% Wilson] | on topic |", "|---|---|---|---|"]
+        lines += [f"| {stratum} | {n} | {_rate(bad, n)} | {topical / n:.0%} |"
+                  for stratum, (bad, topical, n) in judged["careful_reading"].items()]
+        lines.append("")
+    lines += ["| judge | stratum | n | misaligned: precision | recall | κ | on topic: κ |",
+              "|---|---|---|---|---|---|---|"]
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for name, j in judged["judges"].items():
         for stratum, a in j["agreement"]["misaligned"].items():
