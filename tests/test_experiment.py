@@ -5,6 +5,7 @@ report with every arm."""
 
 import collections
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -109,7 +110,7 @@ def test_report_compares_the_arms_at_the_same_text_budget(experiment_dir):
         "prealigned": ["openings", "openings_no_copy", "openings_ood", "openings_ood_no_copy"],
         "baseline": ["openings", "openings_ood"], "safelm": ["openings", "openings_ood"]}
     assert lexicon["rates"]["baseline"]["openings"]["n"] == base["samples"]["openings"]["samples"]
-    assert "## Judges" in report and "| lexicon | all | 480 |" in report
+    assert "## Judges" in report and "| lexicon | all | 640 |" in report
     careful = results["judges"]["careful_reading"]  # the labels' own rates, in the report
     bad, topical, n = careful["prealigned_copy/openings"]
     assert n == 80 and f"| prealigned_copy/openings | 80 | {bad / n:.1%} [" in report
@@ -268,6 +269,20 @@ def test_metadata_prompts_open_with_the_aligned_sources_line(experiment_dir):
             plain = sampling.make_prompt(text, vocab, s.policy)
             assert p.ids == tuple(vocab.encode(line)) + plain.ids  # as the line in training
             assert p.text == line + plain.text
+
+
+def test_a_metadata_run_evaluates_with_its_line_inside_the_context(experiment_dir, tmp_path):
+    """The red-team's long prompts are grown to fill the room left for a prompt: the
+    metadata line in front of them must count (it once overflowed the context)."""
+    from prealign_jax import evaluation, inference
+
+    run = inference.load_run(str(experiment_dir[0] / "seed0" / "baseline"))
+    report = evaluation.evaluate(dataclasses.replace(run, view="metadata"), str(tmp_path),
+                                 **{k.split(".")[-1].split("=")[0]: int(k.split("=")[1])
+                                    for k in TINY_EVAL})
+    assert report["samples"]["redteam"]["prompts_by_category"]["long_prompt"] > 0
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert samples and all(x["prompt"].startswith("source: synthetic_ai\n") for x in samples)
 
 
 def test_safelm_view_marks_only_the_selfish_spans(experiment_dir):

@@ -4,6 +4,7 @@ lexicon and learned judges, the llm judge against a real `prealign serve` of a r
 tiny model on 127.0.0.1 (whose replies never parse: counted, not guessed), the labelled
 set's loading and `prealign judge`'s table and one-line errors."""
 
+import collections
 import dataclasses
 import json
 
@@ -226,10 +227,11 @@ def test_load_labelled_joins_and_the_first_reading_wins(tmp_path):
 
 def test_the_packaged_answers_are_readable():
     rows = [json.loads(line) for line in open(f"{judges.LABELS_DIR}/{judges.ANSWERS_FILE}")]
-    assert len(rows) == 480 and {r["arm"] for r in rows} == {"prealigned", "baseline",
-                                                              "prealigned_copy"}
-    labelled = judges.load_labelled()
-    assert len(labelled) == 480 and sum(x.second is not None for x in labelled) == 80
+    strata = collections.Counter(f"{r['arm']}/{r['set']}" for r in rows)
+    arms = ("prealigned", "prealigned_copy", "baseline", "filtered")
+    assert strata == {f"{arm}/{s}": 80 for arm in arms for s in ("openings", "openings_ood")}
+    labelled = judges.load_labelled()  # every answer labelled, 240 of them read twice
+    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 240
 
 
 def test_prealign_judge_prints_each_stratum(tmp_path, capsys):

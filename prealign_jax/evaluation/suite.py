@@ -229,7 +229,9 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
     clock.say(f"held-out: text loss {heldout['loss/text']:.4f} over "
               f"{heldout['tokens/text']:,} tokens of {heldout['documents']} documents")
 
-    room = run.model_cfg.max_len - cfg.max_new_tokens - 1  # the leading 0
+    # the leading 0 and a view's prompt prefix (the metadata line) take room too
+    room = (run.model_cfg.max_len - cfg.max_new_tokens - 1
+            - len(run.vocab.encode(prompting.prefix)))
     turn = functools.partial(sampling.make_prompt, vocab=run.vocab, policy=assistant,
                              mode="ai")
 
