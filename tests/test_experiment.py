@@ -277,9 +277,10 @@ def test_a_metadata_run_evaluates_with_its_line_inside_the_context(experiment_di
     from prealign_jax import evaluation, inference
 
     run = inference.load_run(str(experiment_dir[0] / "seed0" / "baseline"))
+    tiny = {k.split(".")[-1].split("=")[0]: int(k.split("=")[1]) for k in TINY_EVAL}
+    # few new tokens: room for the long prompts, grown up to the context's edge
     report = evaluation.evaluate(dataclasses.replace(run, view="metadata"), str(tmp_path),
-                                 **{k.split(".")[-1].split("=")[0]: int(k.split("=")[1])
-                                    for k in TINY_EVAL})
+                                 **{**tiny, "max_new_tokens": 4})
     assert report["samples"]["redteam"]["prompts_by_category"]["long_prompt"] > 0
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
     assert samples and all(x["prompt"].startswith("source: synthetic_ai\n") for x in samples)
