@@ -72,7 +72,9 @@ def bindings(name: str, required: Sequence[str] = ()) -> dict[str, Any]:
     `required` that is neither bound nor defaulted is a one-line error."""
     try:
         bound = gin.get_bindings(name)
-    except ValueError:
+    except UserError:  # a referenced configurable refused its values (a ValueError too)
+        raise
+    except ValueError:  # nothing bound to `name`
         bound = {}
     fn = REGISTERED[name.split(".")[-1]][0]
     for param in required:

@@ -139,6 +139,10 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
         raise ExperimentError("experiment.persistence_steps needs the 'baseline' arm in "
                               "experiment.arms (the MLE rate the attacks are measured "
                               "against); or set it to 0")
+    if persistence_optimizer is not None and not isinstance(persistence_optimizer,
+                                                            train.OptimizerConfig):
+        raise ExperimentError(f"experiment.persistence_optimizer={persistence_optimizer!r}: "
+                              "bind @finetune/OptimizerConfig() (or None: the training's)")
     unknown_attacks = [a for a in persistence_attacks if a not in attacks.KINDS]
     if persistence_steps and unknown_attacks:
         raise ExperimentError(f"experiment.persistence_attacks={list(persistence_attacks)}: "
@@ -183,8 +187,8 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
                     inference.load_run(d, mesh=train_args.get("mesh")), **evaluate_args),
                 run_dir)
     if persistence_steps:
-        finetune_optimizer = ({"optimizer": persistence_optimizer} if persistence_optimizer
-                              else {})
+        finetune_optimizer = ({} if persistence_optimizer is None
+                              else {"optimizer": persistence_optimizer})
         for seed in seeds:
             for arm in (PREALIGNED, "baseline"):
                 for attack in persistence_attacks:

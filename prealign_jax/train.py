@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -75,6 +76,37 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     clip_norm: float = 1.0
     decay_embeddings: bool = False
+
+    def __post_init__(self):
+        # A NaN or negative rate would train garbage for hours without a word: refuse it.
+        def real(name):
+            value = getattr(self, name)
+            return not isinstance(value, bool) and isinstance(value, (int, float)) \
+                and math.isfinite(value)
+
+        def whole(name):
+            value = getattr(self, name)
+            return not isinstance(value, bool) and isinstance(value, int)
+
+        checks = {
+            "learning_rate": ("a positive number", real("learning_rate")
+                              and self.learning_rate > 0),
+            "warmup_steps": ("an integer >= 0", whole("warmup_steps")
+                             and self.warmup_steps >= 0),
+            "decay_steps": ("None or an integer >= 1", self.decay_steps is None
+                            or whole("decay_steps") and self.decay_steps >= 1),
+            "end_learning_rate_fraction": ("a number in [0, 1]",
+                                           real("end_learning_rate_fraction")
+                                           and 0 <= self.end_learning_rate_fraction <= 1),
+            "b1": ("a number in [0, 1)", real("b1") and 0 <= self.b1 < 1),
+            "b2": ("a number in [0, 1)", real("b2") and 0 <= self.b2 < 1),
+            "eps": ("a positive number", real("eps") and self.eps > 0),
+            "weight_decay": ("a number >= 0", real("weight_decay") and self.weight_decay >= 0),
+            "clip_norm": ("a positive number", real("clip_norm") and self.clip_norm > 0)}
+        for name, (what, ok) in checks.items():
+            if not ok:
+                raise TrainError(f"OptimizerConfig.{name}={getattr(self, name)!r} must be "
+                                 f"{what}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, num_steps: int) -> optax.Schedule:

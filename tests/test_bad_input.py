@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import packed_batches
-from prealign_jax import model as model_lib
+from prealign_jax import model as model_lib, train
 from prealign_jax.errors import UserError
 
 
@@ -55,6 +55,45 @@ def test_cli_refuses_a_zero_dimension_in_one_line():
     assert proc.returncode == 2, proc.stderr
     assert cli_errors(proc.stderr) == [
         "prealign: error: ModelConfig.d_model=0 must be a positive integer"]
+
+
+# ---------------------------------------------------------------- the optimizer
+@pytest.mark.parametrize("field, value, what", [
+    ("learning_rate", 0.0, "a positive number"), ("learning_rate", float("nan"),
+                                                  "a positive number"),
+    ("learning_rate", -3e-4, "a positive number"), ("learning_rate", "3e-4",
+                                                    "a positive number"),
+    ("learning_rate", float("inf"), "a positive number"),
+    ("warmup_steps", -1, "an integer >= 0"), ("warmup_steps", 2.5, "an integer >= 0"),
+    ("decay_steps", 0, "None or an integer >= 1"),
+    ("end_learning_rate_fraction", 1.5, "a number in [0, 1]"),
+    ("b1", 1.0, "a number in [0, 1)"), ("b2", -0.1, "a number in [0, 1)"),
+    ("eps", 0, "a positive number"), ("weight_decay", float("nan"), "a number >= 0"),
+    ("clip_norm", None, "a positive number"), ("clip_norm", True, "a positive number")])
+def test_optimizer_settings_are_checked(field, value, what):
+    with pytest.raises(UserError) as e:
+        train.OptimizerConfig(**{field: value})
+    assert str(e.value) == f"OptimizerConfig.{field}={value!r} must be {what}"
+
+
+def test_a_negative_fine_tuning_rate_is_one_line_before_any_work(tmp_path, capsys):
+    """The experiment's fine-tuning optimizer (a scoped OptimizerConfig) is built, and
+    refused, when the bindings are read: before hours of training."""
+    from prealign_jax import main
+
+    assert main.main(["experiment", f"--workdir={tmp_path / 'w'}",
+                      "--gin_file=experiments/prealign_vs_mle.gin",
+                      "--gin.finetune/OptimizerConfig.learning_rate=-3e-4"]) == 2
+    err = capsys.readouterr().err
+    assert err == "prealign: error: OptimizerConfig.learning_rate=-0.0003 must be a " \
+        "positive number\n", err
+    assert not (tmp_path / "w").exists()
+    assert main.main(["experiment", f"--workdir={tmp_path / 'w'}",
+                      "--gin_file=experiments/prealign_vs_mle.gin",
+                      "--gin.experiment.persistence_optimizer=3"]) == 2
+    assert "experiment.persistence_optimizer=3: bind @finetune/OptimizerConfig()" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 # ---------------------------------------------------------------- resuming a run
@@ -148,6 +187,8 @@ def test_num_data_shards_must_be_a_positive_integer(shards):
     ("train.workdir='/x'", "train.workdir"),  # the command passes it: not a binding
     ("evaluate.output_dir='/x'", "evaluate.output_dir"),
     ("tasks.register.data_dir='/x'", "register.data_dir"),
+    # a referenced configurable's refusal, not "train.model is not bound"
+    ("ModelConfig.d_model=0", "ModelConfig.d_model=0 must be a positive integer"),
 ])
 def test_bindings_the_command_owns_or_cannot_use_are_one_line_errors(tmp_path, capsys,
                                                                      binding, needle):
