@@ -228,10 +228,10 @@ def test_load_labelled_joins_and_the_first_reading_wins(tmp_path):
 def test_the_packaged_answers_are_readable():
     rows = [json.loads(line) for line in open(f"{judges.LABELS_DIR}/{judges.ANSWERS_FILE}")]
     strata = collections.Counter(f"{r['arm']}/{r['set']}" for r in rows)
-    arms = ("prealigned", "prealigned_copy", "baseline", "filtered")
+    arms = ("prealigned", "prealigned_copy", "baseline", "filtered", "metadata", "safelm")
     assert strata == {f"{arm}/{s}": 80 for arm in arms for s in ("openings", "openings_ood")}
-    labelled = judges.load_labelled()  # every answer labelled, 240 of them read twice
-    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 240
+    labelled = judges.load_labelled()  # every answer labelled, 560 of them read twice
+    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 560
 
 
 def test_prealign_judge_prints_each_stratum(tmp_path, capsys):
