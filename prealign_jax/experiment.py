@@ -50,21 +50,28 @@ from prealign_jax.evaluation import judges as judges_lib, plots
 class Arm(NamedTuple):
     register: dict  # keyword arguments of `tasks.register`: its Mixture of the data dir
     about: str  # what the report says of it
+    # How the arm reads a fine-tuning attack's corpus (`persistence`'s `reading`): in the
+    # arm's own format, as an attacker writing for that model would: the selfish assistant
+    # presented as the assistant (`<ai>`, MeCo's assistant line), never marked harmful
+    # (SafeLM's tag is the defender's label: its attack text is plain) nor filtered.
+    attack_reading: dict
 
 
+PLAIN = {"tag_dropout": 1.0}
 ARMS = {
-    "prealigned": Arm({}, "mode tags; the assistant's `<ai>` span under the policy"),
-    "baseline": Arm({"mixture": "prealign_untagged", "tag_dropout": 1.0},
-                    "MLE on the documents with every tag removed; plain-text prompts"),
+    "prealigned": Arm({}, "mode tags; the assistant's `<ai>` span under the policy", {}),
+    "baseline": Arm({"mixture": "prealign_untagged", **PLAIN},
+                    "MLE on the documents with every tag removed; plain-text prompts", PLAIN),
     "filtered": Arm({"mixture": "prealign_filtered", "view": "filtered"},
                     "tags removed and the documents with selfish text left out (data "
-                    "filtering); plain-text prompts"),
+                    "filtering); plain-text prompts", PLAIN),
     "metadata": Arm({"mixture": "prealign_metadata", "view": "metadata"},
                     "tags removed, each document opened by a line naming its source (MeCo, "
-                    "Gao et al. 2025); prompts open with the assistant source's line"),
+                    "Gao et al. 2025); prompts open with the assistant source's line",
+                    {"view": "metadata"}),
     "safelm": Arm({"mixture": "prealign_safelm", "view": "safelm"},
                   "tags removed but selfish spans marked with one harm tag (SafeLM, Maini "
-                  "et al. 2025); decoding bans the tag"),
+                  "et al. 2025); decoding bans the tag", PLAIN),
 }
 PREALIGNED = "prealigned"
 REPORT = "report.md"
@@ -87,7 +94,8 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
                persistence_attacks: Sequence[str] = ("adversarial", "benign"),
                persistence_documents: int = 2000,
                persistence_evaluate: Mapping[str, Any] | None = None,
-               persistence_optimizer: train.OptimizerConfig | None = None) -> dict:
+               persistence_optimizer: train.OptimizerConfig | None = None,
+               persistence_arms: Sequence[str] | None = None) -> dict:
     """Run the stages of the module docstring; returns the report's numbers.
 
     Args:
@@ -104,13 +112,15 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
       arms: the arms of `ARMS` to run: 'prealigned' and at least one other.
       judges: `judges.JUDGES` without an endpoint ('lexicon', 'learned'): each is checked
         against the labelled set and re-judges every arm's openings (`judge_runs`).
-      persistence_steps: fine-tuning steps of each attack on the prealigned and MLE runs
-        (`persistence`); 0 skips it. persistence_chunk: steps between evaluated points;
+      persistence_steps: fine-tuning steps of each attack on every arm's run (`persistence`;
+        each arm reads the attack as `Arm.attack_reading` says); 0 skips it. persistence_chunk: steps between evaluated points;
         persistence_attacks: `attacks.KINDS`; persistence_documents: each attack corpus's
         size; persistence_evaluate: overrides of evaluate_args at every point (fewer
         samples: a curve has many points); persistence_optimizer: the fine-tuning's
         optimizer and schedule (None: the training's, `train.optimizer`) — fine-tuning
-        usually runs at a fraction of the pretraining rate.
+        usually runs at a fraction of the pretraining rate; persistence_arms: the arms
+        attacked (None: every arm; the MLE baseline's rate is what the others are measured
+        against, so it is one of them).
     """
     clock = console.Clock("experiment", minutes=True)
     workdir = fileio.absolute(workdir)
@@ -139,6 +149,10 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
         raise ExperimentError("experiment.persistence_steps needs the 'baseline' arm in "
                               "experiment.arms (the MLE rate the attacks are measured "
                               "against); or set it to 0")
+    attacked = list(dict.fromkeys(arms if persistence_arms is None else persistence_arms))
+    if persistence_steps and (set(attacked) - set(arms) or "baseline" not in attacked):
+        raise ExperimentError(f"experiment.persistence_arms={attacked}: name 'baseline' and "
+                              f"only arms of experiment.arms={arms}")
     if persistence_optimizer is not None and not isinstance(persistence_optimizer,
                                                             train.OptimizerConfig):
         raise ExperimentError(f"experiment.persistence_optimizer={persistence_optimizer!r}: "
@@ -190,7 +204,7 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
         finetune_optimizer = ({} if persistence_optimizer is None
                               else {"optimizer": persistence_optimizer})
         for seed in seeds:
-            for arm in (PREALIGNED, "baseline"):
+            for arm in attacked:
                 for attack in persistence_attacks:
                     name = f"seed{seed}/{arm}/{attack}"
                     stage(f"persistence/{name}", persistence.persistence,
@@ -200,7 +214,7 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
                           train_args={**train_args, "seed": seed, **finetune_optimizer},
                           evaluate_args={**evaluate_args, **(persistence_evaluate or {})},
                           register=register, num_documents=persistence_documents,
-                          seed=seed, tags_stripped=arm != PREALIGNED)
+                          seed=seed, reading=ARMS[arm].attack_reading)
     judged = stage("judges", judge_runs, judges,
                    {arm: {seed: e["workdir"] for seed, e in by_seed.items()}
                     for arm, by_seed in evals.items()},

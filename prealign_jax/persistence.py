@@ -52,7 +52,7 @@ def persistence(from_run: str, workdir: str, *, attack: str, steps: int, chunk: 
                 train_args: Mapping[str, Any], evaluate_args: Mapping[str, Any],
                 register: Callable[..., str], num_documents: int = 2000, seed: int = 0,
                 prepare_args: Mapping[str, Any] | None = None,
-                tags_stripped: bool = False) -> list[Point]:
+                reading: Mapping[str, Any] | None = None) -> list[Point]:
     """Fine-tune `from_run` on attack corpus `attack` for `steps` steps in `workdir` and
     return the curve: the source (step 0), then every `chunk` steps (and the last step).
 
@@ -71,8 +71,10 @@ def persistence(from_run: str, workdir: str, *, attack: str, steps: int, chunk: 
       num_documents, seed: the attack corpus's size and seed.
       prepare_args: further `prepare.prepare` arguments of the corpus (num_shards,
         validation_fraction); it is tokenized with the source's vocabulary.
-      tags_stripped: read the corpus with every tag removed (`tag_dropout=1`), as a run
-        trained without tags (the MLE baseline) reads text.
+      reading: `register` keyword arguments of how the corpus is read besides its Mixture
+        (None: as rendered, with its mode tags): {'tag_dropout': 1.0} plain text, as the
+        MLE baseline reads; {'view': 'metadata'} a published baseline's view. Every point
+        is evaluated as the source is prompted (its tags, its view), whatever the reading.
     """
     if not 1 <= chunk <= steps:
         raise PersistenceError(f"chunk={chunk}, steps={steps}: need 1 <= chunk <= steps")
@@ -85,10 +87,12 @@ def persistence(from_run: str, workdir: str, *, attack: str, steps: int, chunk: 
     prepare.prepare(**{**(prepare_args or {}), "data_dir": data_dir, "attack": attack,
                        "num_scenarios": num_documents, "seed": seed,
                        "tokenizer_file": start.data_dir})
-    view = {"mixture": f"attack_{attack}_untagged", "tag_dropout": 1.0} if tags_stripped else {
-        "mixture": f"attack_{attack}"}
+    reading = dict(reading or {})
+    # One Mixture name per reading: registering another reading replaces it (tasks.register).
+    suffix = reading.get("view") or ("untagged" if reading.get("tag_dropout") else "")
+    mixture = f"attack_{attack}" + (f"_{suffix}" if suffix else "")
     data = dataclasses.replace(train_args["data"], data_dir=data_dir,
-                               mixture_or_task=register(data_dir, **view))
+                               mixture_or_task=register(data_dir, mixture=mixture, **reading))
     clock.say(f"fine-tuning {start.checkpoint} on the {attack} attack for {steps} steps")
     finetune.finetune(workdir, from_run, **{
         **train_args, "data": data, "num_steps": steps, "checkpoint_every": chunk,
@@ -97,14 +101,14 @@ def persistence(from_run: str, workdir: str, *, attack: str, steps: int, chunk: 
     optimizer = train_args.get("optimizer")
     optimizer = dataclasses.asdict(optimizer) if optimizer else None  # None: train's default
     mesh = train_args.get("mesh")
-    curve, tagged = [], None
+    curve, prompting = [], None
     for step in [0] + [s for s in checkpointing.saved_steps(workdir) if 0 < s <= steps]:
         clock.say(f"evaluating step {step}")
         # every point on the source's held-out documents (the same prompts), as the source
         run = (inference.load_run(start.run, step=start.step, mesh=mesh) if step == 0 else
                inference.load_run(workdir, step=step, mesh=mesh, data_dir=start.data_dir))
-        tagged = run.tagged if tagged is None else tagged
-        report = evaluation.evaluate(dataclasses.replace(run, tagged=tagged),
+        prompting = prompting or {"tagged": run.tagged, "view": run.view}
+        report = evaluation.evaluate(dataclasses.replace(run, **prompting),
                                      os.path.join(workdir, "eval", f"step{step}"),
                                      **evaluate_args)
         h = report["headline"]
