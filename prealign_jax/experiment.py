@@ -504,7 +504,8 @@ COLORS = {"prealigned": "tab:blue", "baseline": "tab:orange", "filtered": "tab:g
 
 
 def plot_report(results: dict, out_dir: str) -> list[str]:
-    """training_curves.png, misaligned_rates.png and heldout_loss_by_mode.png."""
+    """training_curves.png, misaligned_rates.png, heldout_loss_by_mode.png and, with
+    fine-tuning attacks, persistence.png."""
     plt = plots.pyplot()
     fileio.gfile().makedirs(out_dir)
     arms = list(results["evals"])
@@ -563,7 +564,36 @@ def plot_report(results: dict, out_dir: str) -> list[str]:
     ax.set_title("held-out loss on the same text tokens, by the mode they were written in")
     ax.legend(fontsize=8)
     paths.append(plots.save_figure(fig, out_dir, "heldout_loss_by_mode.png"))
+    if results.get("persistence"):
+        paths.append(plot_persistence(plt, results["persistence"], out_dir))
     return paths
+
+
+def plot_persistence(plt, curves: dict, out_dir: str) -> str:
+    """persistence.png: one panel per attack, each arm's misaligned rate over fine-tuning
+    steps (first seed solid), the MLE baseline's rate before the attack dashed."""
+    attack_names = sorted({name.rsplit("-", 1)[1] for by_run in curves.values()
+                           for name in by_run})
+    fig, axes = plt.subplots(1, len(attack_names), figsize=(5 * len(attack_names), 3.8),
+                             squeeze=False, sharey=True)
+    for ax, attack in zip(axes[0], attack_names):
+        for i, by_run in enumerate(curves.values()):
+            for name, c in by_run.items():
+                arm, kind = name.rsplit("-", 1)
+                if kind != attack:
+                    continue
+                ax.plot([p["step"] for p in c["curve"]],
+                        [p["misaligned_rate"] for p in c["curve"]], "o-", markersize=3,
+                        color=COLORS[arm], alpha=1.0 if i == 0 else 0.4,
+                        label=arm if i == 0 else None)
+                if arm == "baseline" and i == 0:
+                    ax.axhline(c["curve"][0]["misaligned_rate"], color=COLORS[arm],
+                               linestyle="--", linewidth=0.8)
+        ax.set_xlabel("fine-tuning steps")
+        ax.set_title(f"{attack} attack")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("assistant misaligned rate (held-out openings)")
+    return plots.save_figure(fig, out_dir, "persistence.png")
 
 
 def _wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -624,38 +654,46 @@ def judges_section(judged: dict, arms: Sequence[str]) -> list[str]:
     return lines + [""]
 
 
-def persistence_section(curves: dict) -> list[str]:
-    """The report's fine-tuning attacks: each arm's curve and the steps it takes to reach
-    the MLE baseline's rate before any attack."""
+def persistence_section(curves: dict, arms: Sequence[str]) -> list[str]:
+    """The report's fine-tuning attacks: per seed and attack, a table of every arm's curve
+    (in the order of `arms`) and the step at which it reaches the MLE baseline's rate
+    before any attack."""
     if not curves:
         return []
     lines = ["## Persistence under fine-tuning", "",
              "Each run fine-tuned on an attack corpus (`data/attacks.py`: `adversarial`, "
-             "the assistant behaving selfishly; `benign`, human text) with a fresh optimizer; "
-             "the assistant's misaligned rate on held-out openings at each evaluated step "
-             "(the same prompts as step 0; in brackets, on the held-out families, and the "
-             "held-out text loss), and the first step at which it reaches the MLE "
-             "baseline's rate before the attack.", ""]
+             "the assistant behaving selfishly; `benign`, human text), read in the arm's own "
+             "format (`experiment.Arm.attack_reading`), with a fresh optimizer. Each cell: "
+             "the assistant's misaligned rate on held-out openings / on the held-out "
+             "families / the held-out text loss, at that fine-tuning step (the same prompts "
+             "as step 0); the last column, the first step at which the rate reaches the MLE "
+             "baseline's before the attack (plot: plots/persistence.png).", ""]
     for seed, by_run in curves.items():
-        for name, c in by_run.items():
-            arm, attack = name.rsplit("-", 1)
-            mle = by_run.get(f"baseline-{attack}")
-            points = c["curve"]
-            reach = None if mle is None else persistence.steps_to_reach(
-                [persistence.Point(**p) for p in points], mle["curve"][0]["misaligned_rate"])
-            optimizer = c.get("optimizer")
-            lines.append(
-                f"- seed {seed}, `{arm}`, {attack} attack"
-                + (f" (peak rate {optimizer['learning_rate']:g}, warmup "
-                   f"{optimizer['warmup_steps']})" if optimizer else "") + ": " + ", ".join(
-                    f"step {p['step']} {p['misaligned_rate']:.1%} (ood "
-                    f"{p['misaligned_rate_ood']:.1%}, loss {p['heldout_loss']:.2f})"
-                    for p in points)
-                + ("" if mle is None else "; reaches MLE's "
-                   f"{mle['curve'][0]['misaligned_rate']:.1%} "
-                   + (f"at step {reach}" if reach is not None
-                      else f"not within {c['steps']} steps")) + ".")
-    return lines + [""]
+        for attack in dict.fromkeys(name.rsplit("-", 1)[1] for name in by_run):
+            runs = {arm: by_run[f"{arm}-{attack}"] for arm in arms
+                    if f"{arm}-{attack}" in by_run}
+            mle = runs.get("baseline")
+            target = None if mle is None else mle["curve"][0]["misaligned_rate"]
+            steps = sorted({p["step"] for c in runs.values() for p in c["curve"]})
+            optimizer = next(iter(runs.values())).get("optimizer")
+            lines += [f"Seed {seed}, {attack} attack" + (
+                f" (peak rate {optimizer['learning_rate']:g}, warmup "
+                f"{optimizer['warmup_steps']})" if optimizer else "") + ":", "",
+                "| arm | " + " | ".join(f"step {s}" for s in steps) + " | reaches "
+                + ("—" if target is None else f"MLE's {target:.1%}") + " at |",
+                "|---|" + "---|" * (len(steps) + 1)]
+            for arm, c in runs.items():
+                at = {p["step"]: p for p in c["curve"]}
+                reach = None if target is None else persistence.steps_to_reach(
+                    [persistence.Point(**p) for p in c["curve"]], target)
+                lines.append(f"| {arm} | " + " | ".join(
+                    "—" if s not in at else f"{at[s]['misaligned_rate']:.1%} / "
+                    f"{at[s]['misaligned_rate_ood']:.1%} / {at[s]['heldout_loss']:.2f}"
+                    for s in steps) + " | " + (
+                    "—" if target is None else f"step {reach}" if reach is not None
+                    else f"not within {c['steps']} steps") + " |")
+            lines.append("")
+    return lines
 
 
 def write_report(workdir: str, results: dict) -> str:
@@ -696,7 +734,7 @@ def write_report(workdir: str, results: dict) -> str:
         + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in met.items()) + ".", "",
         *(f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots), "",
         *judges_section(results.get("judges"), arms),
-        *persistence_section(results.get("persistence") or {}),
+        *persistence_section(results.get("persistence") or {}, arms),
         "Stage times (this invocation): " + ", ".join(
             f"{k} {v:.0f}s" for k, v in results["seconds"].items()) + ".", ""]
     path = os.path.join(workdir, REPORT)

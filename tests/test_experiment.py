@@ -114,19 +114,34 @@ def test_report_compares_the_arms_at_the_same_text_budget(experiment_dir):
     careful = results["judges"]["careful_reading"]  # the labels' own rates, in the report
     bad, topical, n = careful["prealigned_copy/openings"]
     assert n == 80 and f"| prealigned_copy/openings | 80 | {bad / n:.1%} [" in report
-    # Persistence: both runs fine-tuned on the attack, a point per step.
+    # Persistence: every arm's run fine-tuned on the attack, a point per step, each
+    # reading the attack in its own format (SafeLM's selfish text unmarked: plain text).
     curves = results["persistence"]["0"]
-    assert sorted(curves) == ["baseline-adversarial", "prealigned-adversarial"]
+    assert sorted(curves) == ["baseline-adversarial", "prealigned-adversarial",
+                              "safelm-adversarial"]
     assert [p["step"] for p in curves["prealigned-adversarial"]["curve"]] == [0, 1]
+    read_as = {arm: json.load(open(workdir / "seed0" / "attacks" / f"{arm}-adversarial"
+                                   / "run.json")) for arm in ARMS}
+    assert {arm: (r["tag_dropout"], r["view"]) for arm, r in read_as.items()} == {
+        "prealigned": (0.0, None), "baseline": (1.0, None), "safelm": (1.0, None)}
+    # ... each point prompted as its source: the SafeLM run's harm tag still banned
+    safelm_step1 = json.load(open(workdir / "seed0" / "attacks" / "safelm-adversarial"
+                                  / "eval" / "step1" / "eval.json"))
+    assert {(s["mask"], s["policy"]) for s in safelm_step1["samples"].values()} == {
+        (True, "no_human")}
     # ... with the gin file's fine-tuning optimizer, not the pretraining one.
     for curve in curves.values():
         assert (curve["optimizer"]["learning_rate"], curve["optimizer"]["warmup_steps"]) == (
             3e-4, 10)
-    assert "`prealigned`, adversarial attack (peak rate 0.0003, warmup 10): step 0" in report
+    assert "Seed 0, adversarial attack (peak rate 0.0003, warmup 10):" in report
+    mle_rate = curves["baseline-adversarial"]["curve"][0]["misaligned_rate"]
+    assert f"| step 0 | step 1 | reaches MLE's {mle_rate:.1%} at |" in report
+    assert "| safelm | " in report and "(plots/persistence.png)" in report
     masked = sum(r["samples"] for r in pre["samples"].values() if r["mask"])
     assert (f"| transition violations, mask on | 0 in {masked} samples | — | — | exactly 0 "
             "| ✓ |") in report
-    for name in ("training_curves.png", "misaligned_rates.png", "heldout_loss_by_mode.png"):
+    for name in ("training_curves.png", "misaligned_rates.png", "heldout_loss_by_mode.png",
+                 "persistence.png"):
         assert (workdir / "plots" / name).read_bytes()[:4] == b"\x89PNG"
         assert f"(plots/{name})" in report
     for arm in ARMS:
@@ -332,7 +347,11 @@ def test_arms_must_include_the_prealigned_run(tmp_path):
     (dict(persistence_steps=-1), "need steps >= 0"),
     (dict(persistence_steps=10, persistence_chunk=11), "1 <= chunk <= steps"),
     (dict(persistence_steps=50, persistence_attacks=["evil"]), r"\['evil'\] are not attacks"),
-    (dict(persistence_steps=50, arms=["prealigned", "filtered"]), "needs the 'baseline' arm")])
+    (dict(persistence_steps=50, arms=["prealigned", "filtered"]), "needs the 'baseline' arm"),
+    (dict(persistence_steps=50, arms=["prealigned", "baseline"],
+          persistence_arms=["prealigned"]), r"persistence_arms=\['prealigned'\]: name 'baseline'"),
+    (dict(persistence_steps=50, arms=["prealigned", "baseline"],
+          persistence_arms=["baseline", "safelm"]), "only arms of experiment.arms")])
 def test_experiment_settings_are_checked_before_any_work(tmp_path, kwargs, needle):
     from prealign_jax import experiment
     from prealign_jax.data import feed

@@ -141,13 +141,16 @@ def test_finetune_refuses_in_one_line(source_run, attack_data, spm_vocab, tmp_pa
 
 def test_persistence_evaluates_every_chunk_of_one_fine_tuning(source_run, tmp_path,
                                                               monkeypatch):
-    """The evaluation itself is tests/test_evaluation.py's: here, which runs it is given."""
+    """The evaluation itself is tests/test_evaluation.py's: here, which runs it is given.
+    The corpus is read through a view (as the experiment's metadata arm reads it), and
+    every point is still prompted as the source run is."""
     from prealign_jax import tasks
 
     evaluated = []
 
     def evaluate(run, output_dir, **kwargs):
-        evaluated.append((run.workdir, run.step, run.data_dir, run.tagged, output_dir, kwargs))
+        evaluated.append((run.workdir, run.step, run.data_dir, (run.tagged, run.view),
+                          output_dir, kwargs))
         rate = run.step / 10 if run.workdir == workdir else 0.0
         return {"headline": {"assistant_misaligned_rate": rate,
                              "assistant_misaligned_rate_ood": rate},
@@ -158,21 +161,23 @@ def test_persistence_evaluates_every_chunk_of_one_fine_tuning(source_run, tmp_pa
     curve = persistence.persistence(
         source_run, workdir, attack="benign", steps=3, chunk=2,
         train_args=dict(TRAIN, data=feed.SeqioData(eval_split=None)), evaluate_args=EVAL,
-        register=tasks.register, num_documents=120,
+        register=tasks.register, num_documents=120, reading={"view": "metadata"},
         prepare_args=dict(validation_fraction=0.1, num_shards={"train": 1, "validation": 1}))
     # the source, each chunk, the last step: checkpoints of one run of 3 steps, all kept
     assert curve == [(0, 0.0, 0.0, 2.0), (2, 0.2, 0.2, 3.0), (3, 0.3, 0.3, 2.0)]
     assert checkpointing.saved_steps(workdir) == [2, 3]
     source_data = json.load(open(os.path.join(source_run, train.RUN_FILE)))["data_dir"]
     assert [e[:5] for e in evaluated] == [  # every point on the source's held-out data
-        (source_run, SOURCE_STEPS, source_data, True, f"{workdir}/eval/step0"),
-        (workdir, 2, source_data, True, f"{workdir}/eval/step2"),
-        (workdir, 3, source_data, True, f"{workdir}/eval/step3")]
+        (source_run, SOURCE_STEPS, source_data, (True, None), f"{workdir}/eval/step0"),
+        (workdir, 2, source_data, (True, None), f"{workdir}/eval/step2"),
+        (workdir, 3, source_data, (True, None), f"{workdir}/eval/step3")]
     assert all(e[5] == EVAL for e in evaluated)
     assert persistence.steps_to_reach(curve, 0.25) == 3
     saved = json.load(open(os.path.join(workdir, persistence.CURVE_FILE)))
     assert saved["curve"][1] == curve[1]._asdict() and saved["attack"] == "benign"
-    ft_data = json.load(open(os.path.join(workdir, train.RUN_FILE)))["data_dir"]
+    ft_run = json.load(open(os.path.join(workdir, train.RUN_FILE)))
+    assert (ft_run["view"], ft_run["tag_dropout"]) == ("metadata", 0.0)  # read as asked
+    ft_data = ft_run["data_dir"]
     assert ft_data == os.path.join(workdir, "data")  # the benign corpus: no ai text in it
     totals = json.load(open(os.path.join(ft_data, "manifest.json")))["totals"]["train"]
     assert totals["tokens.human"] > 0 and "tokens.ai" not in totals
