@@ -11,7 +11,9 @@ compiled ahead of time at start-up (no compilation while serving):
 - `admit` (one per prompt bucket): the prefill above;
 - `step`: `steps_per_call` decode steps for every row (idle rows feed padding that no row
   sees), with the transition mask of each row's policy — all the allowed policies' tables
-  stacked into one, a row's state offset into its policy's block;
+  stacked into one, a row's state offset into its policy's block — and, in a row that
+  asked for faithful quotes (`Request.copy_quotes`), the copy constraint inside a quote
+  (`sampling.copy_constrained`: the row carries its user turn and the copy's reach);
 - `compact`: when the write index would run past the cache, each row's live slots move to
   the front (order kept), so the cache needs only 2 x max_len + steps_per_call slots.
 
@@ -55,6 +57,9 @@ class Rows(NamedTuple):
     top_k: Any  # [B] int32
     top_p: Any  # [B] float32
     key: Any  # [B, 2] uint32: the row's PRNG key data (threefry)
+    copy: Any  # [B] bool: quotes copy the row's user turn (`sampling.copy_quotes`)
+    source: Any  # [B, max_len] int32: the row's user turn (`sampling.copy_source`), PAD after
+    reach: Any  # [B, max_len] bool: source positions a quote's copy may continue from
 
 
 class StepOutput(NamedTuple):
@@ -135,6 +140,7 @@ class Request:
     top_k: int = 0
     top_p: float = 0.9
     seed: int = 0
+    copy_quotes: bool = False  # quotes copy the user's turn (mask on only; sampling.py)
     cancelled: bool = False  # set by the client's side: the row is freed at the next step
 
 
@@ -167,6 +173,10 @@ class Engine:
         self._states = [s for p in self.policies
                         for s in modes.get_policy(p).compile().states + ("<invalid>",)]
         self._tables = jax.device_put(tuple(tables), partitioning.replicated(mesh))
+        self.token_class = token_class
+        self._copy_ids = jax.device_put((token_class == modes.TEXT,
+                                         token_class == modes.TAG_CLASS["<redacted/>"]),
+                                        partitioning.replicated(mesh))
         self.slots = 2 * model_cfg.max_len + steps_per_call
         self.buckets = [b for b in (MIN_BUCKET * 2 ** i for i in range(32))
                         if b < model_cfg.max_len] + [model_cfg.max_len]
@@ -184,16 +194,18 @@ class Engine:
 
     # ------------------------------------------------------------ the jitted programs
     def _empty_rows(self) -> Rows:
-        b, v = self.max_batch, self.model_cfg.vocab_size
+        b, v, n = self.max_batch, self.model_cfg.vocab_size, self.model_cfg.max_len
         zeros = lambda dtype: jnp.zeros((b,), dtype)
         return Rows(model_lib.init_cache(self.model_cfg, b, self.slots),
                     jnp.zeros((b, v), jnp.float32), zeros(jnp.int32), zeros(jnp.int32),
                     zeros(jnp.int32), zeros(jnp.int32), zeros(bool), zeros(jnp.int32),
                     jnp.full((b,), -1, jnp.int32), zeros(jnp.float32), zeros(jnp.int32),
-                    jnp.ones((b,), jnp.float32), jnp.zeros((b, 2), jnp.uint32))
+                    jnp.ones((b,), jnp.float32), jnp.zeros((b, 2), jnp.uint32), zeros(bool),
+                    jnp.full((b, n), vocab_lib.PAD_ID, jnp.int32), jnp.zeros((b, n), bool))
 
     def _admit(self, params, rows: Rows, row, prompt, length, segment, state, invalid,
-               use_mask, remaining, stop_token, temperature, top_k, top_p, key) -> Rows:
+               use_mask, remaining, stop_token, temperature, top_k, top_p, key, copy,
+               source) -> Rows:
         index = _index_of(rows.cache, self._axes)
         one = _with_index(model_lib.init_cache(self.model_cfg, 1, self.slots), self._axes,
                           index)
@@ -208,11 +220,13 @@ class Engine:
 
         cache = jax.tree.map(put, rows.cache, one, self._axes,
                              is_leaf=lambda x: isinstance(x, tuple) and len(x) == 3)
+        # a quote the prompt left open copies from anywhere in the turn
         values = (last[0].astype(jnp.float32), length, segment, state, invalid, use_mask,
-                  remaining, stop_token, temperature, top_k, top_p, key)
+                  remaining, stop_token, temperature, top_k, top_p, key, copy, source,
+                  source != vocab_lib.PAD_ID)
         return Rows(cache, *(old.at[row].set(new) for old, new in zip(rows[1:], values)))
 
-    def _step(self, params, rows: Rows, tables, cancel) -> tuple[Rows, StepOutput]:
+    def _step(self, params, rows: Rows, tables, copy_ids, cancel) -> tuple[Rows, StepOutput]:
         tables = modes.VocabTables(*tables)
         b, k = self.max_batch, self.steps_per_call
         settings = sampling.RowSettings(rows.temperature, rows.top_k, rows.top_p,
@@ -230,6 +244,10 @@ class Engine:
             i, rows, out = carry
             active = rows.remaining > 0
             allowed = tables.allowed[jnp.where(rows.use_mask, rows.state, rows.invalid)]
+            was_quote = tables.state_mode[rows.state] == sampling.QUOTE_MODE
+            copy = sampling.CopyTables(rows.source, *copy_ids)
+            allowed = sampling.copy_constrained(
+                allowed, active & rows.copy & rows.use_mask & was_quote, rows.reach, copy)
             logits = sampling.sampling_logits(rows.logits, allowed, settings)
             keys = jax.vmap(lambda key, pos: jax.random.fold_in(
                 jax.random.wrap_key_data(key, impl="threefry2x32"), pos))(rows.key,
@@ -247,10 +265,14 @@ class Engine:
                                           rows.position[:, None],
                                           jnp.where(active, rows.segment, 0)[:, None])
             ended = (token == vocab_lib.EOS_ID) | (token == rows.stop_token)
+            state = jnp.where(active, tables.next_state[rows.state, token], rows.state)
+            reach = sampling.copy_step(rows.reach, rows.source, token, was_quote,
+                                       tables.state_mode[state] == sampling.QUOTE_MODE,
+                                       copy.is_redaction[token])
             rows = rows._replace(
                 cache=cache, logits=jnp.where(active[:, None], logits[:, 0], rows.logits),
-                position=rows.position + active,
-                state=jnp.where(active, tables.next_state[rows.state, token], rows.state),
+                position=rows.position + active, state=state,
+                reach=jnp.where((active & rows.copy)[:, None], reach, rows.reach),
                 remaining=jnp.where(active & ~ended, rows.remaining - 1, 0))
             return i + 1, rows, out
 
@@ -299,11 +321,12 @@ class Engine:
                     jax.ShapeDtypeStruct((1, bucket), jnp.int32), *(scalar(jnp.int32),) * 4,
                     scalar(bool), scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.float32),
                     scalar(jnp.int32), scalar(jnp.float32),
-                    jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
+                    jax.ShapeDtypeStruct((2,), jnp.uint32), scalar(bool),
+                    jax.ShapeDtypeStruct((self.model_cfg.max_len,), jnp.int32)).compile()
             progress(f"compiling the decode step ({self.max_batch} rows x "
                      f"{self.steps_per_call} steps) and the cache compaction")
             self._step_program = jax.jit(self._step, donate_argnums=1).lower(
-                self.params, rows, self._tables,
+                self.params, rows, self._tables, self._copy_ids,
                 jax.ShapeDtypeStruct((self.max_batch,), bool)).compile()
             self._compact_program = jax.jit(self._compact, donate_argnums=0).lower(
                 rows).compile()
@@ -395,11 +418,16 @@ class Engine:
         offset = self.state_offset(r.policy)
         invalid = offset + len(modes.get_policy(r.policy).compile().states)
         key = np.asarray(jax.random.key_data(jax.random.key(r.seed, impl="threefry2x32")))
+        source = np.full((self.model_cfg.max_len,), vocab_lib.PAD_ID, np.int32)
+        if r.copy_quotes:
+            turn = sampling.copy_source(r.prompt_ids, self.token_class)
+            source[:len(turn)] = turn
         self._device_rows = self._admit_programs[bucket](
             self.params, self._device_rows, np.int32(row), prompt, np.int32(length),
             np.int32(self._next_segment), np.int32(offset + r.state), np.int32(invalid),
             np.bool_(r.use_mask), np.int32(r.max_new_tokens), np.int32(r.stop_token),
-            np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p), key)
+            np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p), key,
+            np.bool_(r.copy_quotes), source)
         self._next_segment = self._next_segment % (2 ** 31 - 1) + 1
         self._index += length
         self._rows[row], self._live[row] = r, length
@@ -410,7 +438,7 @@ class Engine:
         self._ensure_room(self.steps_per_call)
         cancel = np.array([r is not None and r.cancelled for r in self._rows])
         self._device_rows, out = self._step_program(self.params, self._device_rows,
-                                                    self._tables, cancel)
+                                                    self._tables, self._copy_ids, cancel)
         out = jax.tree.map(np.asarray, out)
         steps = int(out.steps)
         self._index += steps

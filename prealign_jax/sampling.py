@@ -136,6 +136,16 @@ def copy_allowed(reach, source, vocab_size: int):
     return hits.at[rows, source].add(reach.astype(jnp.int32)) > 0
 
 
+def copy_constrained(allowed, in_quote, reach, copy: CopyTables):
+    """`allowed` [B, V], narrowed in the rows inside a quote (`in_quote` [B]) to the ids
+    that are not text and the text ids that continue a copy from `reach` [B, L]; while no
+    row is in a quote, the scatter is skipped (a `lax.cond`)."""
+    return jax.lax.cond(
+        in_quote.any(), lambda a: a & (~in_quote[:, None] | ~copy.is_text
+                                       | copy_allowed(reach, copy.source, a.shape[-1])),
+        lambda a: a, allowed)
+
+
 def copy_step(reach, source, token, was_quote, is_quote, redaction):
     """Source positions reachable after `token`: all of them when a quote opens; after a
     text token, the positions right after the reachable ones that held it; after
@@ -251,12 +261,10 @@ def decode(step_fn: StepFn, params, cache, prompt, prompt_lengths, init_state,
             allowed = unmasked
         else:
             allowed = tables.allowed[jnp.where(use_mask, state, invalid)]
-        if copy is not None:  # (no row in a quote: the scatter is skipped)
-            in_quote = use_mask & (tables.state_mode[state] == QUOTE_MODE)
-            allowed = jax.lax.cond(
-                in_quote.any(), lambda a: a & (~in_quote[:, None] | ~copy.is_text
-                                               | copy_allowed(reach, copy.source, vocab)),
-                lambda a: a, jnp.broadcast_to(allowed, (b, vocab)))
+        if copy is not None:
+            allowed = copy_constrained(
+                jnp.broadcast_to(allowed, (b, vocab)),
+                use_mask & (tables.state_mode[state] == QUOTE_MODE), reach, copy)
         logits = sampling_logits(logits, allowed, cfg)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         token = jnp.where(done, vocab_lib.PAD_ID, draw(logits, cfg.temperature, key))

@@ -1,6 +1,6 @@
 """The serving engine: with requests joining and leaving rows (and the cache compacted
 under them) it draws exactly what the one-shot sampler draws; seeds, stop tokens, per-row
-policies and cancellation hold."""
+policies, faithful quotes and cancellation hold."""
 
 import threading
 
@@ -10,7 +10,8 @@ import pytest
 from conftest import random_decoder
 
 from prealign_jax import engine as engine_lib, modes, partitioning
-from prealign_jax import sampling, vocab
+from prealign_jax import sampling, tags, vocab
+from prealign_jax.evaluation import judging
 
 WAIT_S = 300  # a deadlock guard, not a performance bound
 
@@ -152,3 +153,39 @@ def test_a_cancelled_request_frees_its_row(engine, spm_vocab):
     assert len(calls) == 1 and not out.done.is_set()  # no more tokens, no completion
     assert len(after.tokens) > 0
     assert engine.active == 0
+
+
+def quote_prompt(spm_vocab, turn):
+    """The user's `turn`, then the assistant's span with a quote opened (a prompt left
+    inside a quote: its copy may start anywhere in the turn)."""
+    opened = "<ai><quote>"
+    text = sampling.make_prompt(turn, spm_vocab, "assistant", mode="ai").text[:-4] + opened
+    return sampling.Prompt(text, tuple(spm_vocab.encode(text)),
+                           tags.prefix_state(opened, "assistant"))
+
+
+def test_rows_that_ask_for_faithful_quotes_copy_their_own_users_turn(engine, setup,
+                                                                     spm_vocab, mesh):
+    """Rows with and without the copy constraint side by side, each with its own turn:
+    greedy rows draw what the one-shot sampler draws with `copy_quotes` (on) or without
+    it (off); sampled rows quote only their own turn (`tags.is_copy`)."""
+    cfg, params = setup
+    turns = ["Sam kept the wallet", "Tell Ana it was mine", "Hi there", "Send it twice"]
+    prompts = [quote_prompt(spm_vocab, t) for t in turns]
+    for copy_quotes in (True, False):
+        sampler = sampling.Sampler(cfg, params, spm_vocab, "assistant", mesh,
+                                   sampling.SamplingConfig(max_new_tokens=16, temperature=0,
+                                                           copy_quotes=copy_quotes))
+        assert max(len(p.ids) for p in prompts) + 17 <= cfg.max_len
+        got = wait([submit(engine, p, "assistant", temperature=0.0, copy_quotes=c,
+                           max_new_tokens=16)
+                    for p in prompts for c in (copy_quotes, not copy_quotes)])[::2]
+        assert [g.tokens for g in got] == [list(e.tokens) for e in sampler.generate(prompts)]
+    sampled = wait([submit(engine, p, "assistant", temperature=1.0, top_p=1.0, seed=s,
+                           copy_quotes=True, max_new_tokens=16)
+                    for s in range(3) for p in prompts])
+    quotes = [q for p, r in zip(prompts * 3, sampled)
+              for q in judging.quotes("<quote>" + sampling.decode_text(spm_vocab, r.tokens,
+                                                               len(r.tokens)), p.text)]
+    assert len(quotes) >= 12 and all(faithful for _, faithful in quotes), quotes
+    assert sum(len(text.split()) for text, _ in quotes) >= 12  # words copied, not only redacted
