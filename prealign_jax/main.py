@@ -333,7 +333,8 @@ def serve_command(args) -> None:
                  policies=policies, max_batch=args.max_batch, max_n=args.max_n,
                  steps_per_call=args.steps_per_call, api_key=api_key,
                  allow_unmasked=args.allow_unmasked, name=args.model_name,
-                 drain_timeout=args.drain_timeout, tagged_content=args.tagged_content)
+                 drain_timeout=args.drain_timeout, tagged_content=args.tagged_content,
+                 copy_quotes=args.copy_quotes)
 
 
 def export_command(args) -> None:
@@ -548,7 +549,9 @@ COMMANDS = {
                                      "waits for requests in flight")),
          (("--tagged_content",), dict(action="store_true", help="answer with the tagged "
                                       "text, from the span the prompt opened (a teacher for "
-                                      "prealign synthesize)"))),
+                                      "prealign synthesize)")),
+         (("--copy_quotes",), dict(action="store_true", help="quotes copy the user's turn "
+                                   "unless a request sets \"copy_quotes\": false"))),
         workdir="a trained run (required)"),
     "experiment": Command(
         experiment_command,

@@ -108,6 +108,25 @@ def test_streaming_gives_the_same_text(server):
     assert cut.text == full[:full.find(stop)] and cut.finish_reason == "stop"
 
 
+def test_a_request_can_ask_for_faithful_quotes(server):
+    """`copy_quotes` (extra_body) switches the copy constraint per request; unset, the
+    operator's `--copy_quotes` (off here). The tiny model never opens a quote, so what
+    the constraint draws is tests/test_engine.py's; here, the switch and the policy."""
+    client = server.client()
+    for extra, expected in (({"copy_quotes": True}, True), ({}, False),
+                            ({"copy_quotes": False}, False)):
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Tell Sam it is mine."}],
+            max_tokens=16, n=2, seed=5, extra_body={"return_tagged": True, **extra})
+        for c in r.choices:
+            assert prealign(c)["copy_quotes"] is expected
+            assert_within_policy(prealign(c))
+    with pytest.raises(openai.BadRequestError, match="copy_quotes"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user",
+                                                                "content": "Hi"}],
+                                       extra_body={"copy_quotes": "yes"})
+
+
 def test_no_message_text_becomes_a_tag(server, spm):
     """The injection fuzz: tags, near-tags and escapes in every role's text; the prompt
     the model gets holds exactly the template's tag ids."""

@@ -58,6 +58,7 @@ class Served:
     max_n: int = 8
     api_key: str | None = None
     tagged_content: bool = False  # content is tagged text (a teacher of tagged corpora)
+    copy_quotes: bool = False  # quotes copy the user's turn unless a request says otherwise
 
 
 @dataclasses.dataclass
@@ -81,6 +82,8 @@ class _Generation:
     def __init__(self, served: Served, prompts: list[sampling.Prompt], body, policy: str,
                  stop_token: int, max_tokens: int, stops: list[str], opener: str = ""):
         self.served, self.stops, self.policy, self.mask = served, stops, policy, body.mask
+        self.copy_quotes = (served.copy_quotes if body.copy_quotes is None
+                            else body.copy_quotes)
         self.opener = opener  # the span the prompt opened: tagged content starts with it
         self.return_tagged, self.stop_token = body.return_tagged, stop_token
         self.loop = asyncio.get_running_loop()
@@ -92,6 +95,7 @@ class _Generation:
             choice.request = engine_lib.Request(
                 prompt_ids=prompt.ids, policy=policy, state=prompt.state,
                 max_new_tokens=max_tokens, use_mask=body.mask, stop_token=stop_token,
+                copy_quotes=self.copy_quotes,
                 temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                 seed=(seed + i) % (sampling.MAX_SEED + 1),
                 on_tokens=lambda *a, i=i: self._post("tokens", i, *a),
@@ -156,7 +160,8 @@ class _Generation:
         return new
 
     def extension(self, c: _Choice) -> dict:
-        out = {"policy": self.policy, "mask": self.mask, "modes": c.modes,
+        out = {"policy": self.policy, "mask": self.mask, "copy_quotes": self.copy_quotes,
+               "modes": c.modes,
                "token_ids": c.tokens, "final_state": c.final_state}
         if self.return_tagged:
             out.update(tagged_text=vocab_lib.decode_tagged(self.served.vocab, c.tokens),

@@ -5,7 +5,8 @@ number, `true` is not an integer), as are OpenAI fields this server does not imp
 (echo, logprobs, penalties, logit_bias): a client learns at once that it asked for
 something it will not get. Extension fields, sent by the `openai` client through
 `extra_body`: `policy` (one the operator allowed), `mask` (false only if the operator
-allowed it), `top_k`, `return_tagged` (the generated text as tagged text), and for
+allowed it), `top_k`, `return_tagged` (the generated text as tagged text), `copy_quotes`
+(quotes copy the user's turn; unset: the operator's `--copy_quotes`), and for
 completions `mode` (open a human or ai span after the prompt; "ai" makes the prompt the
 user's turn, as the chat template does).
 """
@@ -45,6 +46,7 @@ class _Sampling(_Strict):
     user: str | None = None
     policy: str | None = None
     mask: bool = True
+    copy_quotes: bool | None = None
     return_tagged: bool = False
 
     def stops(self) -> list[str]:

@@ -50,7 +50,7 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8000, policy: str = "assi
           policies: list[str] | None = None, max_batch: int = 16, steps_per_call: int = 8,
           max_n: int = 8, api_key: str | None = None, allow_unmasked: bool = False,
           name: str | None = None, drain_timeout: float = 60.0,
-          tagged_content: bool = False) -> None:
+          tagged_content: bool = False, copy_quotes: bool = False) -> None:
     """Serve `run` (an `inference.Run`) until SIGTERM/SIGINT."""
     import uvicorn
 
@@ -70,7 +70,7 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8000, policy: str = "assi
     app = app_lib.create_app(app_lib.Served(
         name=name, engine=engine, vocab=run.vocab, max_len=run.model_cfg.max_len,
         default_policy=policy, allow_unmasked=allow_unmasked, max_n=max_n,
-        api_key=api_key, tagged_content=tagged_content))
+        api_key=api_key, tagged_content=tagged_content, copy_quotes=copy_quotes))
     config = uvicorn.Config(app, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=drain_timeout)
     actual = sock.getsockname()[1]
@@ -78,7 +78,8 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8000, policy: str = "assi
               f"{', '.join(policies)} (default {policy}) | {max_batch} rows | "
               f"mask {'switchable' if allow_unmasked else 'always on'}"
               f"{' | API key required' if api_key else ''}"
-              f"{' | tagged content' if tagged_content else ''}")
+              f"{' | tagged content' if tagged_content else ''}"
+              f"{' | quotes copy the user' if copy_quotes else ''}")
     # uvicorn drains on SIGTERM/SIGINT, restores the handlers it found, and raises the
     # signal again: with these no-op handlers found, the process goes on to stop the
     # engine and exits 0 instead of dying by the signal.
