@@ -113,7 +113,8 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
       judges: `judges.JUDGES` without an endpoint ('lexicon', 'learned'): each is checked
         against the labelled set and re-judges every arm's openings (`judge_runs`).
       persistence_steps: fine-tuning steps of each attack on every arm's run (`persistence`;
-        each arm reads the attack as `Arm.attack_reading` says); 0 skips it. persistence_chunk: steps between evaluated points;
+        each arm reads the attack as `Arm.attack_reading` says); 0 skips it.
+        persistence_chunk: steps between evaluated points;
         persistence_attacks: `attacks.KINDS`; persistence_documents: each attack corpus's
         size; persistence_evaluate: overrides of evaluate_args at every point (fewer
         samples: a curve has many points); persistence_optimizer: the fine-tuning's
@@ -672,6 +673,8 @@ def persistence_section(curves: dict, arms: Sequence[str]) -> list[str]:
         for attack in dict.fromkeys(name.rsplit("-", 1)[1] for name in by_run):
             runs = {arm: by_run[f"{arm}-{attack}"] for arm in arms
                     if f"{arm}-{attack}" in by_run}
+            if not runs:  # curves of arms this experiment does not name
+                continue
             mle = runs.get("baseline")
             target = None if mle is None else mle["curve"][0]["misaligned_rate"]
             steps = sorted({p["step"] for c in runs.values() for p in c["curve"]})
