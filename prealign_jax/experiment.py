@@ -39,8 +39,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from prealign_jax import (console, evaluation, fileio, inference, model as model_lib, modes,
-                          persistence, train)
+from prealign_jax import (checkpointing, console, evaluation, fileio, inference,
+                          model as model_lib, modes, persistence, train)
 from prealign_jax import vocab as vocab_lib
 from prealign_jax.data import attacks, feed, pipeline, prepare, redteam, shards
 from prealign_jax.errors import UserError
@@ -197,10 +197,8 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
             run_dir = os.path.join(workdir, f"seed{seed}", arm)
             stage(f"train/seed{seed}/{arm}", train.train, run_dir,
                   **{**train_args, "data": data[arm], "seed": seed, "num_steps": steps[arm]})
-            evals[arm][seed] = stage(
-                f"eval/seed{seed}/{arm}", lambda d: evaluation.evaluate(
-                    inference.load_run(d, mesh=train_args.get("mesh")), **evaluate_args),
-                run_dir)
+            evals[arm][seed] = stage(f"eval/seed{seed}/{arm}", evaluate_run, run_dir,
+                                     train_args.get("mesh"), evaluate_args)
     if persistence_steps:
         finetune_optimizer = ({} if persistence_optimizer is None
                               else {"optimizer": persistence_optimizer})
@@ -235,6 +233,17 @@ def experiment(workdir: str, *, prepare_args: Mapping[str, Any],
     results["seconds"]["total"] = clock.elapsed()
     write_report(workdir, results)
     return results
+
+
+def evaluate_run(run_dir: str, mesh, evaluate_args: Mapping[str, Any]) -> dict:
+    """The evaluation of `run_dir`'s latest checkpoint (in its eval/): the one there if it
+    was made with these arguments (`evaluation.reusable`: a rerun of the experiment skips
+    it), else made now."""
+    steps = checkpointing.saved_steps(run_dir)
+    done = steps and evaluation.reusable(os.path.join(run_dir, "eval"), steps[-1],
+                                         evaluate_args)
+    return done or evaluation.evaluate(inference.load_run(run_dir, mesh=mesh),
+                                       **evaluate_args)
 
 
 def judge_runs(names: Sequence[str], runs: Mapping[str, Mapping[int, str]],

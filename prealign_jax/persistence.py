@@ -66,7 +66,8 @@ def persistence(from_run: str, workdir: str, *, attack: str, steps: int, chunk: 
       train_args: keyword arguments of `train.train` (`data` a `feed.SeqioData`, pointed
         here at the attack corpus); num_steps, checkpoint_every, keep_checkpoints are set.
       evaluate_args: keyword arguments of `evaluation.evaluate`, for every point, on the
-        source's held-out documents (the same prompts at every step).
+        source's held-out documents (the same prompts at every step); a point evaluated
+        with them before is read back (`evaluation.reusable`).
       register: `tasks.register` with its configuration (`register(data_dir, mixture=)`).
       num_documents, seed: the attack corpus's size and seed.
       prepare_args: further `prepare.prepare` arguments of the corpus (num_shards,
@@ -101,16 +102,20 @@ def persistence(from_run: str, workdir: str, *, attack: str, steps: int, chunk: 
     optimizer = train_args.get("optimizer")
     optimizer = dataclasses.asdict(optimizer) if optimizer else None  # None: train's default
     mesh = train_args.get("mesh")
-    curve, prompting = [], None
+    curve, source = [], None  # the source run, loaded once a point needs evaluating
     for step in [0] + [s for s in checkpointing.saved_steps(workdir) if 0 < s <= steps]:
-        clock.say(f"evaluating step {step}")
-        # every point on the source's held-out documents (the same prompts), as the source
-        run = (inference.load_run(start.run, step=start.step, mesh=mesh) if step == 0 else
-               inference.load_run(workdir, step=step, mesh=mesh, data_dir=start.data_dir))
-        prompting = prompting or {"tagged": run.tagged, "view": run.view}
-        report = evaluation.evaluate(dataclasses.replace(run, **prompting),
-                                     os.path.join(workdir, "eval", f"step{step}"),
-                                     **evaluate_args)
+        output_dir = os.path.join(workdir, "eval", f"step{step}")
+        # a rerun keeps the points already evaluated with the same arguments
+        report = evaluation.reusable(output_dir, step or start.step, evaluate_args)
+        if report is None:
+            clock.say(f"evaluating step {step}")
+            # every point on the source's held-out documents (the same prompts), prompted
+            # as the source is (its tags, its view), whatever the corpus's reading
+            source = source or inference.load_run(start.run, step=start.step, mesh=mesh)
+            run = source if step == 0 else dataclasses.replace(
+                inference.load_run(workdir, step=step, mesh=mesh, data_dir=start.data_dir),
+                tagged=source.tagged, view=source.view)
+            report = evaluation.evaluate(run, output_dir, **evaluate_args)
         h = report["headline"]
         curve.append(Point(step, h["assistant_misaligned_rate"],
                            h["assistant_misaligned_rate_ood"], report["heldout"]["loss/text"]))

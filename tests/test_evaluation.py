@@ -3,6 +3,7 @@
 tiny `evaluate` of that model."""
 
 import dataclasses
+import inspect
 import json
 
 import flax.linen as nn
@@ -285,10 +286,10 @@ def test_evaluate_reads_the_runs_data_and_writes_the_report_in_its_workdir(rando
         data_dir=prepared_data_dir(), tagged=True, workdir=str(tmp_path))
     with pytest.raises(ev.EvalError, match=r"^evaluate.samples_per_prompt=0: "):
         ev.evaluate(run, samples_per_prompt=0)
-    report = ev.evaluate(run, heldout_documents_limit=4, openings=1, ood_openings=1,
-                         samples_per_prompt=1,
-                         unconditional_samples=1, redteam_samples=1, max_new_tokens=4,
-                         batch_size=8, copy_quotes=True)
+    arguments = dict(heldout_documents_limit=4, openings=1, ood_openings=1,
+                     samples_per_prompt=1, unconditional_samples=1, redteam_samples=1,
+                     max_new_tokens=4, batch_size=8, copy_quotes=True)
+    report = ev.evaluate(run, **arguments)
     assert report["tagged"] and report["workdir"] == str(tmp_path)
     assert report["samples"]["openings"]["copy_quotes"]
     assert not report["samples"]["openings_no_copy"]["copy_quotes"]
@@ -305,6 +306,17 @@ def test_evaluate_reads_the_runs_data_and_writes_the_report_in_its_workdir(rando
     assert json.load(open(tmp_path / "eval" / ev.EVAL_FILE))["headline"] == report["headline"]
     assert [p.rsplit("/", 1)[-1] for p in report["plots"]] == ["heldout_loss.png",
                                                                "misaligned.png"]
+    # eval.json records every argument, so a rerun can tell whether it answers its question
+    keyword = [n for n, p in inspect.signature(ev.evaluate).parameters.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert sorted(report["arguments"]) == sorted(keyword)
+    out = str(tmp_path / "eval")
+    assert ev.reusable(out, run.step, arguments)["headline"] == report["headline"]
+    assert ev.reusable(out, run.step, {**arguments, "policy": "assistant"})  # the default
+    assert ev.reusable(out, run.step, {**arguments, "openings": 2}) is None
+    assert ev.reusable(out, run.step, {**arguments, "copy_quotes": False}) is None
+    assert ev.reusable(out, run.step + 1, arguments) is None
+    assert ev.reusable(str(tmp_path / "none"), run.step, arguments) is None
 
 
 def test_out_of_distribution_openings_come_from_held_out_families_only():

@@ -10,7 +10,8 @@ cost in language modelling?
     decontamination  evaluation prompts against the run's training text (word 8-grams)
     heldout          held-out documents, their openings and the loss per token group; the
                      openings of the spec's held-out families (out of distribution)
-    suite            the prompt sets, `evaluate` (writes eval.json) and its summary lines
+    suite            the prompt sets, `evaluate` (writes eval.json), whether an eval.json
+                     can be reused, and its summary lines
     plots            the evaluation's plots and the figure helpers the experiment shares
 
 `evaluate` takes a loaded run and plain arguments; the CLI (`prealign eval`) resolves gin.
@@ -25,7 +26,8 @@ from prealign_jax.evaluation.judging import (ALL, INVALID, UNFAITHFUL, Verdict, 
                                              own_words, quotes, summarize)
 from prealign_jax.evaluation.plots import plot_eval, save_figure
 from prealign_jax.evaluation.suite import (EVAL_FILE, SAMPLES_FILE, EvalError, SampleSet,
-                                           draw, evaluate, sample_sets, summary_lines)
+                                           draw, evaluate, reusable, sample_sets,
+                                           summary_lines)
 from prealign_jax.evaluation.teacher_forcing import (Packed, forbidden_mass, pack,
                                                      teacher_forced)
 
@@ -33,6 +35,6 @@ __all__ = ["ALL", "EVAL_FILE", "INVALID", "SAMPLES_FILE", "TEXT_GROUPS", "UNFAIT
             "EvalError", "Packed", "SampleSet", "Verdict", "answer_texts", "decontaminate",
             "distinct_n", "draw", "evaluate", "forbidden_mass", "held_out_family_openings",
             "heldout_documents", "heldout_loss", "headline", "judge", "mode_texts", "opening",
-            "own_words", "pack", "plot_eval", "quotes", "sample_sets", "save_figure",
+            "own_words", "pack", "plot_eval", "quotes", "reusable", "sample_sets", "save_figure",
             "summarize", "summary_lines", "teacher_forced", "text_labels",
             "training_reference"]

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -193,17 +194,21 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
     clock = console.Clock("eval")
     assistant = modes.get_policy(policy)
     counts = {"heldout_documents_limit": heldout_documents_limit, "openings": openings,
-              "ood_openings": ood_openings, "samples_per_prompt": samples_per_prompt, "batch_size": batch_size,
-              "unconditional_samples": unconditional_samples,
+              "ood_openings": ood_openings, "samples_per_prompt": samples_per_prompt,
+              "batch_size": batch_size, "unconditional_samples": unconditional_samples,
               "redteam_samples": redteam_samples}
     for name, value in counts.items():
         if value < 1:  # every sample set and the held-out loss need at least one
             raise EvalError(f"evaluate.{name}={value}: must be at least 1")
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    top_k=top_k)
+    # every keyword argument as given, so that a caller can tell whether eval.json answers
+    # its question (`reusable`)
+    arguments = {"policy": policy, "tagged": tagged, **counts, **settings, "seed": seed,
+                 "copy_quotes": copy_quotes}
     tagged = run.tagged if tagged is None else tagged
     output_dir = output_dir or os.path.join(run.workdir, "eval")
     fileio.gfile().makedirs(output_dir)
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                    top_k=top_k)
     cfg = sampling.SamplingConfig(**{k: v for k, v in settings.items() if v is not None},
                                   copy_quotes=copy_quotes)
     prompting = baselines.prompting(run.view)
@@ -285,7 +290,7 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
                   f"{k} {m['rate']:.1%}" for k, m in results[s.name]["misaligned"].items()))
 
     report = {"workdir": fileio.absolute(run.workdir), "step": run.step, "tagged": tagged,
-              "policy": policy, "heldout": heldout, "samples": results,
+              "policy": policy, "arguments": arguments, "heldout": heldout, "samples": results,
               "decontamination": decontamination,
               "sampling": dataclasses.asdict(cfg) | {"seed": seed},
               "headline": headline(results, tagged)}
@@ -295,6 +300,23 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
     fileio.atomic_write(os.path.join(output_dir, EVAL_FILE), json.dumps(report, indent=1))
     report["seconds"] = clock.elapsed()
     return report
+
+
+def reusable(output_dir: str, step: int, arguments: Mapping[str, Any]) -> dict | None:
+    """The eval.json in `output_dir` if it is an evaluation of checkpoint `step` with these
+    keyword `arguments` of `evaluate` (a long experiment rerun after a stop skips what it
+    has), else None (none there, another step, other arguments, or an older eval.json
+    that does not record them)."""
+    path = os.path.join(output_dir, EVAL_FILE)
+    if not fileio.gfile().exists(path):
+        return None
+    with fileio.gfile().GFile(path) as f:
+        report = json.load(f)
+    defaults = {name: p.default for name, p in inspect.signature(evaluate).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    # as eval.json has them: JSON values (tuples as lists), the defaults of those not given
+    asked = json.loads(json.dumps({**defaults, **arguments}))
+    return report if report.get("arguments") == asked and report["step"] == step else None
 
 
 def summary_lines(report: dict) -> list[str]:
