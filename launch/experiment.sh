@@ -2,8 +2,9 @@
 # The prealigned-vs-baselines experiment: sets up the virtualenv if needed, then prepares
 # the corpus, trains the prealigned model and each baseline (tag-stripped MLE, filtered,
 # metadata, safelm; experiment.arms) at the same text-token budget for each seed, evaluates
-# them and writes $WORKDIR/report.md (table + plots/). Rerunning reuses the data and the
-# trained runs.
+# them, attacks every arm's run with the fine-tuning attacks and writes $WORKDIR/report.md
+# (table + plots/). Rerunning picks up where it stopped: it reuses the data, resumes or
+# skips the runs, and keeps the evaluations made with the same arguments.
 #
 #   launch/experiment.sh                                                # CPU, ~7 h (gin file)
 #   launch/experiment.sh --gin_file=experiments/prealign_vs_mle_gpu.gin # one GPU (125M)

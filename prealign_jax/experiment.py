@@ -10,8 +10,8 @@ same documents taken on the fly: `filtered` (data filtering), `metadata` (MeCo) 
 `safelm` (one harm tag, banned at inference). Every arm reads the same shards, shuffled the
 same way.
 
-Stages, each safe to rerun (the data is reused, training resumes or is skipped, evaluation
-is redone):
+Stages, each safe to rerun (the data is reused, training resumes or is skipped, an
+evaluation of the same checkpoint with the same arguments is kept, `evaluation.reusable`):
 1. prepare the corpus once, in `W/data`;
 2. per seed, train `W/seed<s>/<arm>` for each arm: `prealigned` for `train.num_steps`,
    every other arm for as many steps as it takes to read the same number of ordinary
@@ -20,7 +20,10 @@ is redone):
 3. evaluate each (`evaluation.evaluate`), as its arm is prompted: the prealigned run as the
    assistant (`<ai>` and the policy), the others on the same prompt texts as their view
    says (`baselines.prompting`: plain text; the metadata line first; the harm tag banned);
-4. write `W/report.md` (every arm side by side against the targets) and `W/plots/*.png`.
+4. with `persistence_steps`, fine-tune every arm's run on each attack (`persistence`), in
+   `W/seed<s>/attacks/<arm>-<attack>`, evaluated every `persistence_chunk` steps;
+5. judge every arm's openings with each judge, checked against the labelled set;
+6. write `W/report.md` (every arm side by side against the targets) and `W/plots/*.png`.
 
 Plain arguments: the CLI passes what gin binds for `prepare`, `tasks.register`, `train`
 and `evaluate` — exactly what `prealign train` / `prealign eval` would be given — and the
