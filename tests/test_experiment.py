@@ -150,6 +150,22 @@ def test_report_compares_the_arms_at_the_same_text_budget(experiment_dir):
         assert (run / "eval" / "misaligned.png").exists()
 
 
+def test_a_rerun_keeps_the_evaluation_made_with_the_same_arguments(experiment_dir,
+                                                                  monkeypatch):
+    from prealign_jax import evaluation, experiment
+
+    workdir, _ = experiment_dir
+    run_dir = str(workdir / "seed0" / "baseline")
+    made = json.load(open(os.path.join(run_dir, "eval", evaluation.EVAL_FILE)))
+    fresh = {"headline": "evaluated again"}
+    asked = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda run, **kw: asked.append(kw) or fresh)
+    kept = experiment.evaluate_run(run_dir, None, made["arguments"])
+    assert kept["headline"] == made["headline"] and not asked
+    changed = {**made["arguments"], "openings": made["arguments"]["openings"] + 1}
+    assert experiment.evaluate_run(run_dir, None, changed) is fresh and asked == [changed]
+
+
 def test_eval_command_on_another_mesh(experiment_dir, tmp_path, capsys):
     from prealign_jax import main
 
