@@ -266,13 +266,16 @@ class Engine:
                                           jnp.where(active, rows.segment, 0)[:, None])
             ended = (token == vocab_lib.EOS_ID) | (token == rows.stop_token)
             state = jnp.where(active, tables.next_state[rows.state, token], rows.state)
-            reach = sampling.copy_step(rows.reach, rows.source, token, was_quote,
-                                       tables.state_mode[state] == sampling.QUOTE_MODE,
-                                       copy.is_redaction[token])
+            copying = active & rows.copy
+            reach = jax.lax.cond(  # skipped while no row asked for faithful quotes
+                copying.any(), lambda: jnp.where(copying[:, None], sampling.copy_step(
+                    rows.reach, rows.source, token, was_quote,
+                    tables.state_mode[state] == sampling.QUOTE_MODE,
+                    copy.is_redaction[token]), rows.reach), lambda: rows.reach)
             rows = rows._replace(
                 cache=cache, logits=jnp.where(active[:, None], logits[:, 0], rows.logits),
                 position=rows.position + active, state=state,
-                reach=jnp.where((active & rows.copy)[:, None], reach, rows.reach),
+                reach=reach,
                 remaining=jnp.where(active & ~ended, rows.remaining - 1, 0))
             return i + 1, rows, out
 

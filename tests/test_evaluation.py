@@ -317,6 +317,8 @@ def test_evaluate_reads_the_runs_data_and_writes_the_report_in_its_workdir(rando
     assert ev.reusable(out, run.step, {**arguments, "copy_quotes": False}) is None
     assert ev.reusable(out, run.step + 1, arguments) is None
     assert ev.reusable(str(tmp_path / "none"), run.step, arguments) is None
+    (tmp_path / "eval" / ev.EVAL_FILE).write_text('{"step": ')  # damaged: evaluated again
+    assert ev.reusable(out, run.step, arguments) is None
 
 
 def test_out_of_distribution_openings_come_from_held_out_families_only():

@@ -305,13 +305,18 @@ def evaluate(run: inference.Run, output_dir: str | None = None, *,
 def reusable(output_dir: str, step: int, arguments: Mapping[str, Any]) -> dict | None:
     """The eval.json in `output_dir` if it is an evaluation of checkpoint `step` with these
     keyword `arguments` of `evaluate` (a long experiment rerun after a stop skips what it
-    has), else None (none there, another step, other arguments, or an older eval.json
-    that does not record them)."""
+    has), else None (none there, another step, other arguments, an older eval.json that
+    does not record them, or one that is not JSON)."""
     path = os.path.join(output_dir, EVAL_FILE)
     if not fileio.gfile().exists(path):
         return None
-    with fileio.gfile().GFile(path) as f:
-        report = json.load(f)
+    try:
+        with fileio.gfile().GFile(path) as f:
+            report = json.load(f)
+    except ValueError:  # a damaged file answers nothing: evaluate again, rewriting it
+        return None
+    if not isinstance(report, dict):
+        return None
     defaults = {name: p.default for name, p in inspect.signature(evaluate).parameters.items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY}
     # as eval.json has them: JSON values (tuples as lists), the defaults of those not given
