@@ -6,7 +6,7 @@ preemption), then what it will do at it (`plan`: True if it will read device val
 only then runs each hook's `after_step`, in list order. Order is semantics: the standard
 list (`train._loop`) is NanGuard, Log, Eval, Checkpoint, Preemption, Profile, then the
 caller's own hooks, so a diverged state is stopped before it is logged as fine or
-checkpointed, and the preemption line follows the save.
+checkpointed, and a preempted run is saved before it stops (`Preempted`).
 
 Host sync happens only at steps some hook plans to read device values at (log, eval and
 checkpoint steps): per-step metrics stay on device in `Run.pending` until then. Hooks take
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from prealign_jax import checkpointing, console, fileio
-from prealign_jax.errors import TrainError
+from prealign_jax.errors import Preempted, TrainError
 
 
 @dataclasses.dataclass
@@ -205,20 +205,20 @@ class Checkpoint(Hook):
 
 class Preemption(Hook):
     """End the run at the preemption step (SIGTERM, or the step all processes agree on);
-    the Checkpoint hook saves it as the last step. Says so after the save."""
+    the Checkpoint hook saves it as the last step. `preempted` tells the loop to raise
+    `Preempted` once the save is complete."""
 
     def __init__(self, checkpoints: checkpointing.Checkpoints):
         self._checkpoints = checkpoints
-        self._preempted = False
+        self.preempted = False
 
     def ends_run(self, run: Run) -> bool:
-        self._preempted = self._checkpoints.reached_preemption(run.step)
-        return self._preempted
+        self.preempted = self._checkpoints.reached_preemption(run.step)
+        return self.preempted
 
-    def after_step(self, run: Run) -> None:
-        if self._preempted:
-            console.say(f"preempted: saved step {run.step} to {self._checkpoints.directory}; "
-                        "rerun the same command to resume")
+    def error(self, step: int) -> Preempted:
+        return Preempted(f"preempted: saved step {step} to {self._checkpoints.directory}; "
+                         "rerun the same command to resume")
 
 
 class Profile(Hook):

@@ -22,7 +22,7 @@ import sys
 from typing import Callable, NamedTuple
 
 from prealign_jax import console, fileio
-from prealign_jax.errors import UserError
+from prealign_jax.errors import Preempted, UserError
 
 GIN_SEARCH_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "gin")
@@ -707,6 +707,9 @@ def main(argv: list[str], filter_stderr: bool = False) -> int:
     except UserError as e:  # one line (gin appends "In call to configurable ..." lines)
         print(f"prealign: error: {_first_line(e)}", file=sys.stderr)
         return 2
+    except Preempted as e:  # whatever command was training: it stops here
+        print(f"prealign: {e}", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -315,7 +315,9 @@ def train(workdir: str, *,
     optimizer state or data position; once the run has a checkpoint of its own it resumes
     from that instead.
 
-    Returns the metrics of the last log window. See gin/runs/*.gin for every parameter.
+    Returns the metrics of the last log window; raises `errors.Preempted` after saving the
+    state if the run was preempted (SIGTERM) before `num_steps`. See gin/runs/*.gin for
+    every parameter.
     `data(workdir, batch_size, seq_len, seed)` gives the batches (`feed.SeqioData`: a
     registered seqio Mixture); what its `info` says is written to `<workdir>/run.json` with
     the model, for `inference.load_run`.
@@ -452,7 +454,8 @@ def _loop(workdir: str, steps: Steps, sources: feed.DataSources, *, num_steps: i
         if sources.eval is not None and eval_every:
             standard.append(hooks_lib.Eval(writer, eval_every, functools.partial(
                 _evaluate, steps, sources.eval, eval_steps, batch_sh)))
-        standard += [hooks_lib.Checkpoint(ckpt, iterator), hooks_lib.Preemption(ckpt)]
+        preemption = hooks_lib.Preemption(ckpt)
+        standard += [hooks_lib.Checkpoint(ckpt, iterator), preemption]
         all_hooks = standard + ([profile] if profile else []) + list(hooks)
         for hook in all_hooks:
             closing.callback(hook.close)
@@ -462,6 +465,8 @@ def _loop(workdir: str, steps: Steps, sources: feed.DataSources, *, num_steps: i
             run.record(step, state, metrics)
             if hooks_lib.after_step(all_hooks, run):
                 break
+    if preemption.preempted:  # raised once the save is complete and everything is closed
+        raise preemption.error(run.step)
     return run.summary
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import packed_batches
-from prealign_jax import checkpointing, hooks, modes, partitioning, writers
+from prealign_jax import checkpointing, errors, hooks, modes, partitioning, writers
 from prealign_jax.data import feed
 from prealign_jax import model as model_lib
 from prealign_jax import train
@@ -353,13 +353,15 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, batches, reference):
         ckpt.close()
 
 
-def test_sigterm_saves_the_next_step_and_stops(tmp_path, batches, capsys):
-    """Preemption: the loop sees the signal at the next step, saves it, waits, returns."""
+def test_sigterm_saves_the_next_step_and_stops(tmp_path, batches):
+    """Preemption: the loop sees the signal at the next step, saves it, waits, then raises
+    `Preempted`, so that no caller takes the partial run for a finished one."""
     previous = signal.getsignal(signal.SIGTERM)
-    run_train(tmp_path, batches, dict(data=8), num_steps=1000, log_every=1,
-              checkpoint_every=1000, hooks=[SignalAfter(2, signal.SIGTERM)])
+    with pytest.raises(errors.Preempted, match="preempted: saved step 3 to .*checkpoints; "
+                                               "rerun the same command to resume"):
+        run_train(tmp_path, batches, dict(data=8), num_steps=1000, log_every=1,
+                  checkpoint_every=1000, hooks=[SignalAfter(2, signal.SIGTERM)])
     assert signal.getsignal(signal.SIGTERM) == previous  # the run's handler is gone
-    assert "preempted: saved step 3 " in capsys.readouterr().out
     assert [r["step"] for r in read_records(tmp_path)] == [1, 2, 3]
     assert os.listdir(tmp_path / "checkpoints") == ["3"]
 

@@ -1,8 +1,8 @@
 """`prealign train` end to end, as a subprocess, on a small prepared corpus: the loss falls,
-and a run killed (SIGKILL) mid-way resumes to the very same metrics as an uninterrupted run
-(state *and* data position restored). The kill comes from a hook at a fixed step
-(crash_after_step.py), so a loaded machine cannot make the run outrun it. SIGTERM is tested
-in-process in test_train.py."""
+and a run killed (SIGKILL) or preempted (SIGTERM) mid-way resumes to the very same metrics
+as an uninterrupted run (state *and* data position restored). The signal comes from a hook
+at a fixed step (signal_after_step.py), so a loaded machine cannot make the run outrun
+it."""
 
 import json
 import os
@@ -39,14 +39,14 @@ def data_dir(tmp_path_factory):
                            num_shards={"train": 2, "validation": 1})
 
 
-def train_command(workdir, data_dir, num_steps, *, crash_after=None):
-    """The CLI command; `crash_after=(step, checkpoint step)`: SIGKILLed after that step,
-    once that checkpoint is complete."""
+def train_command(workdir, data_dir, num_steps, *, signal_after=None):
+    """The CLI command; `signal_after=(signal, step, checkpoint step)`: that signal ("KILL",
+    "TERM") after that step, once that checkpoint is complete."""
     program = ["-m", "prealign_jax.main"]
-    if crash_after:
-        step, saved = crash_after
-        program = [os.path.join(os.path.dirname(__file__), "crash_after_step.py"), str(step),
-                   str(workdir / "checkpoints" / str(saved))]
+    if signal_after:
+        name, step, saved = signal_after
+        program = [os.path.join(os.path.dirname(__file__), "signal_after_step.py"), name,
+                   str(step), str(workdir / "checkpoints" / str(saved))]
     return [sys.executable, *program, "train", "--gin_file=runs/cpu_demo.gin",
             f"--workdir={workdir}", f"--gin.seqio_data.data_dir='{data_dir}'",
             f"--gin.train.num_steps={num_steps}", "--gin.train.batch_size=8",
@@ -81,12 +81,22 @@ def test_loss_falls_and_interrupted_runs_resume_exactly(tmp_path, data_dir, env)
 
     # SIGKILL after step 13: no warning at all; the next run resumes from step 10's save
     # and recomputes steps 11-13, whose records the killed run had written
-    crashed = subprocess.run(train_command(resumed, data_dir, steps, crash_after=(13, 10)),
+    crashed = subprocess.run(train_command(resumed, data_dir, steps,
+                                           signal_after=("KILL", 13, 10)),
                              env=env, capture_output=True, text=True, timeout=300)
     assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
     assert max(read_metrics(resumed)) == 13
+    # then SIGTERM after step 23: the run saves the next step, says so and exits 143, so
+    # a scheduler retries it; the retry resumes from step 24's save
+    preempted = subprocess.run(train_command(resumed, data_dir, steps,
+                                             signal_after=("TERM", 23, 20)),
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert preempted.returncode == 143, preempted.stdout + preempted.stderr
+    assert (f"prealign: preempted: saved step 24 to {resumed / 'checkpoints'}; rerun the "
+            "same command to resume") in preempted.stderr
+    assert max(read_metrics(resumed)) == 24 and (resumed / "checkpoints" / "24").is_dir()
     done = subprocess.run(train_command(resumed, data_dir, steps), env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "resumed from" in done.stdout
+    assert f"resumed from {resumed / 'checkpoints'}/24" in done.stdout
     assert read_metrics(resumed) == want  # every metric of every step, bit for bit
