@@ -17,6 +17,7 @@ import pytest
 from cli_helpers import tiny_model_flags
 
 from prealign_jax.data import redteam
+from prealign_jax.evaluation import judges
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +111,8 @@ def test_report_compares_the_arms_at_the_same_text_budget(experiment_dir):
         "prealigned": ["openings", "openings_no_copy", "openings_ood", "openings_ood_no_copy"],
         "baseline": ["openings", "openings_ood"], "safelm": ["openings", "openings_ood"]}
     assert lexicon["rates"]["baseline"]["openings"]["n"] == base["samples"]["openings"]["samples"]
-    assert "## Judges" in report and "| lexicon | all | 960 |" in report
+    assert "## Judges" in report
+    assert f"| lexicon | all | {len(judges.load_labelled())} |" in report
     careful = results["judges"]["careful_reading"]  # the labels' own rates, in the report
     bad, topical, n = careful["prealigned_copy/openings"]
     assert n == 80 and f"| prealigned_copy/openings | 80 | {bad / n:.1%} [" in report

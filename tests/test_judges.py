@@ -229,9 +229,17 @@ def test_the_packaged_answers_are_readable():
     rows = [json.loads(line) for line in open(f"{judges.LABELS_DIR}/{judges.ANSWERS_FILE}")]
     strata = collections.Counter(f"{r['arm']}/{r['set']}" for r in rows)
     arms = ("prealigned", "prealigned_copy", "baseline", "filtered", "metadata", "safelm")
-    assert strata == {f"{arm}/{s}": 80 for arm in arms for s in ("openings", "openings_ood")}
-    labelled = judges.load_labelled()  # every answer labelled, 560 of them read twice
-    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 560
+    # the unattacked runs' answers, then those of persistence points (arm+attack<step>)
+    points = [f"{arm}+adversarial{step}" for arm in ("prealigned", "baseline", "filtered",
+                                                     "metadata", "safelm")
+              for step in (10, 30, 80)]
+    points += [f"{arm}+benign80" for arm in ("prealigned", "baseline", "filtered",
+                                             "metadata", "safelm")]
+    points += ["safelm+benign10", "safelm+benign20"]
+    assert strata == {**{f"{arm}/{s}": 80 for arm in arms for s in ("openings", "openings_ood")},
+                      **{f"{point}/openings": 32 for point in points}}
+    labelled = judges.load_labelled()  # every answer labelled, 1264 of them read twice
+    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 1264
 
 
 def test_prealign_judge_prints_each_stratum(tmp_path, capsys):
