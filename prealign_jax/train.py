@@ -465,7 +465,9 @@ def _loop(workdir: str, steps: Steps, sources: feed.DataSources, *, num_steps: i
             run.record(step, state, metrics)
             if hooks_lib.after_step(all_hooks, run):
                 break
-    if preemption.preempted:  # raised once the save is complete and everything is closed
+    # raised once the save is complete and everything is closed; a preemption at the last
+    # step leaves a finished run
+    if preemption.preempted and run.step < num_steps:
         raise preemption.error(run.step)
     return run.summary
 

@@ -362,6 +362,10 @@ def test_sigterm_saves_the_next_step_and_stops(tmp_path, batches):
         run_train(tmp_path, batches, dict(data=8), num_steps=1000, log_every=1,
                   checkpoint_every=1000, hooks=[SignalAfter(2, signal.SIGTERM)])
     assert signal.getsignal(signal.SIGTERM) == previous  # the run's handler is gone
+    # a preemption at the last step leaves a finished run: nothing is raised
+    run_train(tmp_path / "last", batches, dict(data=8), num_steps=3, log_every=1,
+              checkpoint_every=1000, hooks=[SignalAfter(2, signal.SIGTERM)])
+    assert os.listdir(tmp_path / "last" / "checkpoints") == ["3"]
     assert [r["step"] for r in read_records(tmp_path)] == [1, 2, 3]
     assert os.listdir(tmp_path / "checkpoints") == ["3"]
 
