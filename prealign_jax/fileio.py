@@ -8,9 +8,12 @@ helpers here cover what `os` gets wrong for URLs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 
 from prealign_jax import tf_cpu
+from prealign_jax.errors import UserError
 
 
 def gfile():
@@ -31,3 +34,36 @@ def atomic_write(path: str, data: str | bytes) -> None:
     with gfile().GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
     gfile().rename(tmp, path, overwrite=True)
+
+
+@contextlib.contextmanager
+def exclusive(directory: str, what: str):
+    """Hold `<directory>/.lock` while the block runs, or raise `Busy` at once if another
+    process holds it: two jobs writing one run (checkpoints, metrics.jsonl) interleave
+    their records and race their saves. An flock, released when the holder exits, even
+    killed. Local directories only; a URL's (`gs://...`) is not locked (an object store
+    has no lock: one job per workdir is the caller's to keep)."""
+    if "://" in directory:
+        yield
+        return
+    path = os.path.join(directory, ".lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise Busy(f"{directory} is in use by another process ({holder}, lock {path}): "
+                       "wait for it to finish or stop it, or use another directory") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{what}, pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Busy(UserError):
+    """`exclusive`: the directory is held by another process."""

@@ -414,6 +414,8 @@ def _loop(workdir: str, steps: Steps, sources: feed.DataSources, *, num_steps: i
     batch_sh = partitioning.batch_sharding(steps.mesh)
     iterator = feed.ShardedIterator(sources.train)
     with contextlib.ExitStack() as closing, partitioning.activate(steps.mesh):
+        if jax.process_index() == 0:  # one job per run (its peers are this job's processes)
+            closing.enter_context(fileio.exclusive(workdir, "prealign training"))
         ckpt = checkpointing.Checkpoints(workdir, checkpoint_every, keep_checkpoints)
         closing.callback(ckpt.close)  # waits for pending saves
         latest = ckpt.latest_step()

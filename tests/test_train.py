@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import packed_batches
-from prealign_jax import checkpointing, errors, hooks, modes, partitioning, writers
+from prealign_jax import checkpointing, errors, fileio, hooks, modes, partitioning, writers
 from prealign_jax.data import feed
 from prealign_jax import model as model_lib
 from prealign_jax import train
@@ -368,6 +368,18 @@ def test_sigterm_saves_the_next_step_and_stops(tmp_path, batches):
     assert os.listdir(tmp_path / "last" / "checkpoints") == ["3"]
     assert [r["step"] for r in read_records(tmp_path)] == [1, 2, 3]
     assert os.listdir(tmp_path / "checkpoints") == ["3"]
+
+
+def test_a_run_in_training_is_refused_to_a_second_job(tmp_path, batches):
+    """Two jobs on one workdir would interleave metrics.jsonl and race their saves: the
+    second is refused in one line naming the holder; the lock goes with its holder."""
+    with fileio.exclusive(str(tmp_path), "another job"):
+        with pytest.raises(fileio.Busy, match=rf"^{tmp_path} is in use by another process "
+                                              rf"\(another job, pid {os.getpid()}, lock "):
+            run_train(tmp_path, batches, dict(data=8), num_steps=2)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+    run_train(tmp_path, batches, dict(data=8), num_steps=2)  # free again
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
 def test_non_finite_loss_stops_the_run_and_is_never_checkpointed(tmp_path, batches):
