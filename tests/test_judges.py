@@ -236,10 +236,12 @@ def test_the_packaged_answers_are_readable():
     points += [f"{arm}+benign80" for arm in ("prealigned", "baseline", "filtered",
                                              "metadata", "safelm")]
     points += ["safelm+benign10", "safelm+benign20"]
-    assert strata == {**{f"{arm}/{s}": 80 for arm in arms for s in ("openings", "openings_ood")},
+    seed1 = [f"{arm}_seed1" for arm in arms if arm != "prealigned"]
+    assert strata == {**{f"{arm}/{s}": 80 for arm in (*arms, *seed1)
+                         for s in ("openings", "openings_ood")},
                       **{f"{point}/openings": 32 for point in points}}
-    labelled = judges.load_labelled()  # every answer labelled, 1264 of them read twice
-    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 1264
+    labelled = judges.load_labelled()  # every answer labelled, 2064 of them read twice
+    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 2064
 
 
 def test_prealign_judge_prints_each_stratum(tmp_path, capsys):
