@@ -239,9 +239,10 @@ def test_the_packaged_answers_are_readable():
     seed1 = [f"{arm}_seed1" for arm in arms if arm != "prealigned"]
     assert strata == {**{f"{arm}/{s}": 80 for arm in (*arms, *seed1)
                          for s in ("openings", "openings_ood")},
-                      **{f"{point}/openings": 32 for point in points}}
-    labelled = judges.load_labelled()  # every answer labelled, 2064 of them read twice
-    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 2064
+                      **{f"{point}{seed}/openings": 32 for point in points
+                         for seed in ("", "_seed1")}}
+    labelled = judges.load_labelled()  # every answer labelled, 2768 of them read twice
+    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 2768
 
 
 def test_prealign_judge_prints_each_stratum(tmp_path, capsys):
