@@ -47,7 +47,9 @@ def exclusive(directory: str, what: str):
         yield
         return
     path = os.path.join(directory, ".lock")
-    with open(path, "a+") as f:
+    if os.path.isdir(path):
+        raise Busy(f"{path} is a directory, not a lock file: remove it")
+    with open(path, "a+", errors="replace") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

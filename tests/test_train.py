@@ -4,6 +4,7 @@ restored onto another mesh, and the loop's hooks (order, non-finite-loss guard, 
 writers, preemption, profiler)."""
 
 import dataclasses
+import fcntl
 import functools
 import glob
 import json
@@ -380,6 +381,18 @@ def test_a_run_in_training_is_refused_to_a_second_job(tmp_path, batches):
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
     run_train(tmp_path, batches, dict(data=8), num_steps=2)  # free again
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    (tmp_path / "bad").mkdir()  # a holder's note that is not text, a lock that is a directory
+    (tmp_path / "bad" / ".lock").write_bytes(b"\xff\xfe")
+    with open(tmp_path / "bad" / ".lock", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(fileio.Busy, match=r"in use by another process \(\ufffd"):
+            with fileio.exclusive(str(tmp_path / "bad"), "x"):
+                pass
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / ".lock").mkdir()
+    with pytest.raises(fileio.Busy, match=r"\.lock is a directory, not a lock file"):
+        with fileio.exclusive(str(tmp_path / "dir"), "x"):
+            pass
 
 
 def test_non_finite_loss_stops_the_run_and_is_never_checkpointed(tmp_path, batches):
