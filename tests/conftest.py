@@ -1,11 +1,25 @@
-"""Test setup: CPU only, 8 fake devices — set before anything imports jax."""
+"""Test setup: CPU only, 8 fake devices, one compilation cache — set before anything
+imports jax.
 
+The tests compile the same tiny programs many times over (every train() and evaluate()
+call, every CLI subprocess: the experiment's arms, the multi-host peers, the servers), so
+each test process keeps XLA's persistent cache in one directory of its own, which the
+subprocesses it starts inherit through the environment. Compiling is deterministic: a hit
+runs the very executable a miss would build."""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="prealign-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 import random  # noqa: E402
@@ -71,22 +85,6 @@ def spm_vocab(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("vocab") / "spm.model")
     vocab.train(sample_documents(400), path, vocab_size=512)
     return vocab.load(path)
-
-
-@pytest.fixture(scope="module")
-def xla_compilation_cache(tmp_path_factory):
-    """A module's identical programs (same mesh, same config: the train step, the sampler)
-    compile once across its train() and evaluate() calls; use it with
-    `pytestmark = pytest.mark.usefixtures("xla_compilation_cache")`."""
-    import jax
-
-    saved = {k: jax.config.values[k] for k in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
 
 
 @pytest.fixture(scope="module", autouse=True)

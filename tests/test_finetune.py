@@ -24,7 +24,6 @@ EVAL = dict(heldout_documents_limit=4, openings=1, ood_openings=1, samples_per_p
             unconditional_samples=1, redteam_samples=1, max_new_tokens=4, batch_size=8)
 
 
-pytestmark = pytest.mark.usefixtures("xla_compilation_cache")
 
 
 def seqio_data(data_dir, mixture):

@@ -33,10 +33,9 @@ MODEL = tiny_model_flags(max_len=64)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)  # conftest's 8 devices: each run sets its own count
     return env
 

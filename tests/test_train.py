@@ -34,7 +34,6 @@ MESHES = {"1 device": dict(data=1, devices=jax.devices()[:1]),
           "data=2 fsdp=2 tensor=2": dict(data=2, fsdp=2, tensor=2)}
 
 
-pytestmark = pytest.mark.usefixtures("xla_compilation_cache")
 
 
 @functools.cache

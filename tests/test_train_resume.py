@@ -21,11 +21,9 @@ MODEL = tiny_model_flags(max_len=64)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Subprocess environment: CPU, a compilation cache shared by the runs."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+def env():
+    """Subprocess environment: CPU, conftest's compilation cache."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     return env
 
