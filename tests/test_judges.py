@@ -237,13 +237,13 @@ def test_the_packaged_answers_are_readable():
                                              "metadata", "safelm")]
     points += ["safelm+benign10", "safelm+benign20"]
     seed1 = [f"{arm}_seed1" for arm in arms if arm != "prealigned"]
-    seed2 = ["prealigned_copy_seed2", "baseline_seed2"]
+    seed2 = [f"{arm}_seed2" for arm in arms if arm != "prealigned"]
     assert strata == {**{f"{arm}/{s}": 80 for arm in (*arms, *seed1, *seed2)
                          for s in ("openings", "openings_ood")},
                       **{f"{point}{seed}/openings": 32 for point in points
                          for seed in ("", "_seed1")}}
-    labelled = judges.load_labelled()  # every answer labelled, 3088 of them read twice
-    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 3088
+    labelled = judges.load_labelled()  # every answer labelled, 3568 of them read twice
+    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 3568
 
 
 def test_prealign_judge_prints_each_stratum(tmp_path, capsys):
