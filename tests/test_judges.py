@@ -241,9 +241,9 @@ def test_the_packaged_answers_are_readable():
     assert strata == {**{f"{arm}/{s}": 80 for arm in (*arms, *seed1, *seed2)
                          for s in ("openings", "openings_ood")},
                       **{f"{point}{seed}/openings": 32 for point in points
-                         for seed in ("", "_seed1")}}
-    labelled = judges.load_labelled()  # every answer labelled, 3568 of them read twice
-    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 3568
+                         for seed in ("", "_seed1", "_seed2")}}
+    labelled = judges.load_labelled()  # every answer labelled, 4272 of them read twice
+    assert len(labelled) == len(rows) and sum(x.second is not None for x in labelled) == 4272
 
 
 def test_prealign_judge_prints_each_stratum(tmp_path, capsys):
